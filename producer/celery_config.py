@@ -1,0 +1,72 @@
+"""The Celery configuration producer and worker share, built from Settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from producer.settings import Settings
+
+TASK_NAME = "actmap.render_maps"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker_url": settings.effective_broker_url,
+        "result_backend": settings.effective_result_backend,
+        # msgpack only, for tasks and results: never pickle, and no JSON either, so a
+        # message that is not ours is refused before any code sees it.
+        "task_serializer": "msgpack",
+        "result_serializer": "msgpack",
+        "accept_content": ["msgpack"],
+        "result_accept_content": ["msgpack"],
+        "event_serializer": "json",
+        "task_default_queue": settings.queue,
+        "task_create_missing_queues": True,
+        "result_expires": settings.result_expires_s,
+        # A map is acknowledged only once its PNG is stored and its result recorded, and a
+        # worker that dies mid-map gives the message back: rendering is idempotent.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": _transport_options(settings),
+        "worker_hijack_root_logger": False,
+    }
+    if settings.uses_filesystem_broker():
+        # The filesystem transport has no fan-out exchange: no remote control, no events.
+        config["worker_enable_remote_control"] = False
+    else:
+        config["worker_send_task_events"] = True
+        config["broker_connection_timeout"] = settings.publish_timeout_s
+    return config
+
+
+def make_celery(settings: Settings, main: str) -> Celery:
+    folders = ["broker", "broker-processed", "broker-control"] if settings.uses_filesystem_broker() else []
+    if settings.result_backend is None:
+        folders.append("results")
+    for folder in folders:
+        (settings.resolved_home / folder).mkdir(parents=True, exist_ok=True)
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.uses_filesystem_broker():
+        folder = str(settings.broker_folder)
+        return {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "processed_folder": str(settings.resolved_home / "broker-processed"),
+            "control_folder": str(settings.resolved_home / "broker-control"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    return {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": min(settings.publish_timeout_s, 5.0),
+        "socket_timeout": max(settings.publish_timeout_s, 30.0),
+    }

@@ -1,0 +1,222 @@
+"""The producer: submit activation maps from the GPU loop, collect their results later.
+
+``submit`` validates and quantizes the map, packs it and publishes one Celery message;
+rendering, encoding and uploading happen on the workers. ``collect`` reads the results of
+many maps per round trip from the result backend, keyed by run id, image id and map name,
+so any process that knows the run id can collect them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
+from tqdm import tqdm
+
+from producer.celery_config import TASK_NAME, make_celery
+from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
+from producer.intensity import to_intensities
+from producer.keys import result_id, validate_image_id, validate_map_name
+from producer.results import MapResult
+from producer.settings import Settings
+from producer.wire import MapMessage, encode_map, validate_colormap
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class PendingMap:
+    """The handle ``submit`` returns: enough to collect the map's result."""
+
+    run_id: str
+    image_id: str
+    name: str | None
+    result_id: str
+
+
+CollectItem = PendingMap | str | tuple[str, str | None]
+MapItem = tuple[str, Any] | tuple[str, Any, str | None]
+
+
+class Producer:
+    """Send maps to the workers and collect their results.
+
+    ``Producer()`` reads its settings from ``ACTMAP_*`` environment variables; pass a
+    ``Settings`` to override them. ``run_id`` names this run's results: give the same run id
+    to a ``Producer`` in another process to collect them there.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, run_id: str | None = None) -> None:
+        self.settings = settings or Settings()
+        self.run_id = run_id or uuid.uuid4().hex
+        if not _RUN_ID.fullmatch(self.run_id):
+            raise ValueError(f"run id {self.run_id!r} is not valid; expected 1-128 of A-Z a-z 0-9 . _ -")
+        self._app = make_celery(self.settings, "actmap-producer")
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(
+        self,
+        image_id: str,
+        activation_map: Any,
+        *,
+        name: str | None = None,
+        colormap: str = "jet",
+        fade_low_activation: bool = True,
+    ) -> PendingMap:
+        """Queue one map; returns once the broker has it. Bad input raises at once."""
+        pending, payload = self._pack(image_id, activation_map, name, colormap, fade_low_activation)
+        self._publish([payload])
+        return pending
+
+    def submit_many(
+        self,
+        maps: Iterable[MapItem],
+        *,
+        colormap: str = "jet",
+        fade_low_activation: bool = True,
+        progress: bool = False,
+    ) -> list[PendingMap]:
+        """Queue (image_id, map) or (image_id, map, name) items, ``batch_size`` maps per message."""
+        handles: list[PendingMap] = []
+        batch: list[bytes] = []
+        with tqdm(desc="submit", unit="map", disable=not progress) as bar:
+            for item in maps:
+                image_id, activation_map, name = _unpack_item(item)
+                pending, payload = self._pack(image_id, activation_map, name, colormap, fade_low_activation)
+                handles.append(pending)
+                batch.append(payload)
+                if len(batch) >= self.settings.batch_size:
+                    self._publish(batch)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                self._publish(batch)
+                bar.update(len(batch))
+        return handles
+
+    def _pack(
+        self, image_id: str, activation_map: Any, name: str | None, colormap: str, fade: bool
+    ) -> tuple[PendingMap, bytes]:
+        validate_image_id(image_id)
+        validate_map_name(name)
+        validate_colormap(colormap)
+        if not isinstance(fade, bool):
+            raise InvalidMapError(f"fade_low_activation must be a bool, received {type(fade).__name__}")
+        intensities = to_intensities(activation_map, max_pixels=self.settings.max_pixels)
+        # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
+        # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
+        array = intensities if self.settings.quantize else np.ascontiguousarray(activation_map)
+        payload = encode_map(MapMessage(self.run_id, image_id, name, array, colormap, fade))
+        return PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name)), payload
+
+    def _publish(self, payloads: list[bytes]) -> None:
+        timeout = self.settings.publish_timeout_s
+        try:
+            self._app.send_task(
+                TASK_NAME,
+                args=[payloads],
+                queue=self.settings.queue,
+                ignore_result=True,  # results are per map, stored by the worker under their own ids
+                retry=True,
+                # About one attempt a second for publish_timeout_s (kombu bounds retries by count).
+                retry_policy={
+                    "max_retries": max(1, math.ceil(timeout)),
+                    "interval_start": 0,
+                    "interval_step": 0.5,
+                    "interval_max": 1,
+                },
+            )
+        except (OperationalError, OSError) as exc:
+            broker = maybe_sanitize_url(self.settings.effective_broker_url)
+            raise BrokerError(
+                f"could not publish {len(payloads)} map(s) to {broker} within {timeout:g} s: {exc}"
+            ) from exc
+
+    # -- collecting -------------------------------------------------------------------
+
+    def collect(
+        self,
+        maps: Iterable[CollectItem],
+        *,
+        timeout: float | None = 60.0,
+        poll_interval_s: float = 0.1,
+        progress: bool = False,
+    ) -> list[MapResult]:
+        """One result per item, in the order given: a stored map or its error.
+
+        Items are ``PendingMap`` handles, image ids, or (image_id, name) pairs of this
+        producer's run. Raises CollectTimeoutError, saying how many are still pending and
+        carrying the results that did arrive, if ``timeout`` seconds pass first.
+        """
+        wanted = [self._pending(item) for item in maps]
+        found: dict[str, dict[str, Any]] = {}
+        ids = {p.result_id for p in wanted}
+        try:
+            with tqdm(total=len(ids), desc="collect", unit="map", disable=not progress) as bar:
+                for rid, meta in self._poll(ids, timeout, poll_interval_s):
+                    found[rid] = meta
+                    bar.update(1)
+        except (TimeoutError, CeleryTimeoutError):
+            pending = len(ids) - len(found)
+            error = CollectTimeoutError(
+                f"{pending} of {len(ids)} map results still pending after {timeout:g} s (run {self.run_id})",
+                pending=pending,
+                total=len(ids),
+            )
+            error.results = [_to_result(p, found.get(p.result_id)) for p in wanted]
+            raise error from None
+        return [_to_result(p, found[p.result_id]) for p in wanted]
+
+    def _poll(
+        self, ids: set[str], timeout: float | None, interval_s: float
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        # get_many reads all still-pending ids in one MGET per interval.
+        backend: Any = self._app.backend  # celery-types does not know get_many
+        yield from backend.get_many(
+            list(ids), timeout=timeout, interval=interval_s, READY_STATES=states.READY_STATES
+        )
+
+    def _pending(self, item: CollectItem) -> PendingMap:
+        if isinstance(item, PendingMap):
+            return item
+        image_id, name = (item, None) if isinstance(item, str) else item
+        validate_image_id(image_id)
+        validate_map_name(name)
+        return PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name))
+
+    def close(self) -> None:
+        self._app.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _unpack_item(item: Sequence[Any]) -> tuple[str, Any, str | None]:
+    if len(item) == 2:
+        return item[0], item[1], None
+    if len(item) == 3:
+        return item[0], item[1], item[2]
+    raise InvalidMapError(
+        f"submit_many items are (image_id, map) or (image_id, map, name); received {len(item)} values"
+    )
+
+
+def _to_result(pending: PendingMap, meta: dict[str, Any] | None) -> MapResult:
+    if meta is None:
+        return MapResult.from_failure(pending.image_id, pending.name, TimeoutError("result still pending"))
+    if meta["status"] == states.SUCCESS:
+        return MapResult.from_success(pending.image_id, pending.name, meta["result"])
+    return MapResult.from_failure(pending.image_id, pending.name, meta["result"])

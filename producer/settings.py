@@ -1,0 +1,76 @@
+"""The one settings object. Nothing else in actmap reads the environment.
+
+Every field is read from ``ACTMAP_<FIELD>`` (e.g. ``ACTMAP_BROKER_URL``) and can be
+overridden by keyword (the CLI passes its flags this way). Unset URLs fall back to the
+embedded default: Celery's filesystem transport, its file result backend and a local
+folder, all under ``home``, so one machine needs no server at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ACTMAP_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path(".actmap"), description="Folder of the embedded broker, results and maps.")
+    broker_url: str | None = Field(None, description="Celery broker; unset: filesystem transport under home.")
+    result_backend: str | None = Field(None, description="Celery result backend; unset: files under home.")
+    storage_url: str | None = Field(
+        None, description="Where PNGs go: s3://bucket/prefix or file:///dir; unset: home/maps."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, SeaweedFS); unset: AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region; unset: boto3's default chain.")
+    s3_server_side_encryption: str | None = Field(
+        None,
+        description="S3 ServerSideEncryption for every PUT, e.g. AES256 or aws:kms; unset: bucket default.",
+    )
+
+    queue: str = Field("actmap", description="Celery queue the producer publishes to and workers consume.")
+    result_expires_s: int = Field(86_400, ge=60, description="How long results stay in the result backend.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Maps per Celery message in submit_many.")
+    quantize: bool = Field(True, description="Send float maps as rint(x*255) uint8: same PNG, 4x smaller.")
+    publish_timeout_s: float = Field(
+        10.0, gt=0, description="How long submit waits for an unreachable broker."
+    )
+
+    max_pixels: int = Field(4096 * 4096, ge=1, description="Largest map accepted, in pixels.")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest map message accepted.")
+    png_compress_level: int = Field(6, ge=0, le=9, description="zlib level of the PNG encoder.")
+
+    storage_max_attempts: int = Field(5, ge=1, description="boto3 attempts per PUT (total, first included).")
+    task_max_retries: int = Field(5, ge=0, description="Celery retries of maps whose storage still failed.")
+    retry_backoff_max_s: int = Field(60, ge=1, description="Cap of the exponential backoff between retries.")
+    visibility_timeout_s: int = Field(
+        600, ge=10, description="Redis broker: seconds before an unacknowledged message is redelivered."
+    )
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or f"file://{self.resolved_home / 'results'}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.resolved_home / 'maps'}"
+
+    @property
+    def broker_folder(self) -> Path:
+        """The filesystem transport's message folder (embedded default only)."""
+        return self.resolved_home / "broker"
+
+    def uses_filesystem_broker(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")

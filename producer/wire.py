@@ -1,0 +1,161 @@
+"""The map message: one activation map, msgpack-encoded, versioned.
+
+A map message is a msgpack map with these fields (version 1)::
+
+    v         int    1
+    run       str    the producer's run id (results are keyed by run, image id and name)
+    id        str    image id, a relative path such as "val/img-001"
+    name      str|nil  map name when an image has several maps, else nil
+    dtype     str    "uint8", "float16", "float32" or "float64" (little-endian)
+    shape     [int]  [h, w] or [h, w, 1]
+    data      bin    the array's raw C-order bytes: h * w * itemsize of them
+    colormap  str    "jet"
+    fade      bool   fade_low_activation
+
+A Celery task message carries a list of these as binary strings, so a batch of maps
+costs one broker message and each map stays decodable (and fuzzable) on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from producer.errors import ActmapError, InvalidMapError, WireFormatError
+from producer.keys import validate_image_id, validate_map_name
+
+VERSION = 1
+COLORMAPS: tuple[str, ...] = ("jet",)
+DTYPES: tuple[str, ...] = ("uint8", "float16", "float32", "float64")
+_FIELDS = {"v", "run", "id", "name", "dtype", "shape", "data", "colormap", "fade"}
+
+
+@dataclass(frozen=True)
+class MapMessage:
+    run_id: str
+    image_id: str
+    name: str | None
+    array: np.ndarray
+    colormap: str = "jet"
+    fade_low_activation: bool = True
+
+
+class MapDecodeError(WireFormatError):
+    """Raised when a map message is invalid; carries the map's identity when it could be read."""
+
+    def __init__(self, message: str, identity: tuple[str, str, str | None] | None = None) -> None:
+        super().__init__(message)
+        self.identity = identity
+
+
+def validate_colormap(colormap: object) -> str:
+    if colormap not in COLORMAPS:
+        raise InvalidMapError(f"unknown colormap {colormap!r}; expected one of {', '.join(COLORMAPS)}")
+    return str(colormap)
+
+
+def encode_map(message: MapMessage) -> bytes:
+    """Pack a map message. The array must already be a valid map (see producer.intensity)."""
+    array = message.array
+    if array.dtype.name not in DTYPES:
+        raise InvalidMapError(f"dtype {array.dtype} cannot be sent; expected one of {', '.join(DTYPES)}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    fields = {
+        "v": VERSION,
+        "run": message.run_id,
+        "id": message.image_id,
+        "name": message.name,
+        "dtype": array.dtype.name,
+        "shape": list(array.shape),
+        "data": np.ascontiguousarray(array).data.cast("B"),
+        "colormap": message.colormap,
+        "fade": message.fade_low_activation,
+    }
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode_map(payload: object, *, max_pixels: int, max_message_bytes: int) -> MapMessage:
+    """Unpack and check a map message; raise MapDecodeError saying what is wrong."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise MapDecodeError(f"map message must be bytes, received {type(payload).__name__}")
+    if len(payload) > max_message_bytes:
+        raise MapDecodeError(f"map message is {len(payload)} bytes; expected at most {max_message_bytes}")
+    try:
+        fields = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_message_bytes)
+    except Exception as exc:  # msgpack raises several unrelated types for corrupt input
+        raise MapDecodeError(f"map message is not valid msgpack ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(fields, Mapping):
+        raise MapDecodeError(f"map message must be a msgpack map, received {type(fields).__name__}")
+    identity = _identity(fields)
+    try:
+        return _message_from_fields(fields, max_pixels=max_pixels)
+    except ActmapError as exc:
+        raise MapDecodeError(str(exc), identity) from exc
+
+
+def _identity(fields: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
+    """Run, image id and name if readable: lets a bad map's failure reach its own result."""
+    run, image_id, name = fields.get("run"), fields.get("id"), fields.get("name")
+    if isinstance(run, str) and isinstance(image_id, str) and (name is None or isinstance(name, str)):
+        return run, image_id, name
+    return None
+
+
+def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMessage:
+    version = fields.get("v")
+    if version != VERSION:
+        raise WireFormatError(f"map message version is {version!r}; this worker reads version {VERSION}")
+    missing = _FIELDS - set(fields)
+    if missing:
+        raise WireFormatError(f"map message lacks field(s) {', '.join(sorted(missing))}")
+    run = _typed(fields, "run", str)
+    image_id = validate_image_id(fields["id"])
+    name = validate_map_name(fields["name"])
+    colormap = validate_colormap(fields["colormap"])
+    fade = _typed(fields, "fade", bool)
+    dtype_name = _typed(fields, "dtype", str)
+    if dtype_name not in DTYPES:
+        raise InvalidMapError(f"map dtype is {dtype_name!r}; expected one of {', '.join(DTYPES)}")
+    shape = _shape(fields["shape"], max_pixels)
+    data = _typed(fields, "data", bytes)
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise WireFormatError(
+            f"map data is {len(data)} bytes; shape {list(shape)} of {dtype_name} needs {expected}"
+        )
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return MapMessage(run, image_id, name, array, colormap, fade)
+
+
+def _typed(fields: Mapping[Any, Any], key: str, kind: type[Any]) -> Any:
+    value = fields[key]
+    if not isinstance(value, kind):
+        raise WireFormatError(f"map field {key!r} must be {kind.__name__}, received {type(value).__name__}")
+    return value
+
+
+def _shape(shape: object, max_pixels: int) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, list | tuple)
+        or len(shape) not in (2, 3)
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+    ):
+        raise WireFormatError(f"map shape must be [h, w] or [h, w, 1] of ints, received {shape!r}")
+    if len(shape) == 3 and shape[2] != 1:
+        raise InvalidMapError(
+            f"map shape {list(shape)} has {shape[2]} channels; expected [h, w] or [h, w, 1]"
+        )
+    height, width = shape[0], shape[1]
+    if height <= 0 or width <= 0:
+        raise InvalidMapError(f"map shape {list(shape)} is empty; expected h, w >= 1")
+    if height * width > max_pixels:
+        raise InvalidMapError(
+            f"map shape {list(shape)} has {height * width} pixels; expected at most {max_pixels}"
+        )
+    return tuple(shape)

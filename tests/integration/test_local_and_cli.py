@@ -1,0 +1,153 @@
+"""The embedded default, local-folder storage, the CLI and the storage retry bound, on real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from producer import Producer, Settings
+from tests.integration.conftest import Stack
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerProcess, clean_env
+from worker.render import colorize
+
+
+def actmap(
+    *args: str, env: dict[str, str], cwd: Path, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=clean_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def decode(locator: str) -> np.ndarray:
+    return np.asarray(Image.open(locator.removeprefix("file://")).convert("RGBA"))
+
+
+def test_local_folder_storage_writes_pngs_that_decode_to_the_colorized_map(local_stack: Stack) -> None:
+    cam = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(64, 48)
+    with local_stack.producer() as producer:
+        result = producer.collect([producer.submit("folder/map", cam)], timeout=60)[0]
+    assert result.locator == f"{local_stack.env['ACTMAP_STORAGE_URL']}/folder/map.png"
+    np.testing.assert_array_equal(decode(result.locator), colorize(cam))
+
+
+def test_the_embedded_default_needs_no_server_with_producer_and_worker_in_two_processes(
+    tmp_path: Path,
+) -> None:
+    # Given only a home folder: no broker, no result backend, no storage configured
+    env = {"ACTMAP_HOME": str(tmp_path / "home")}
+    worker = WorkerProcess(env, tmp_path)
+    try:
+        # When this process submits and collects
+        cam = np.random.default_rng(9).random((50, 40)).astype(np.float32)
+        with Producer(Settings(home=tmp_path / "home")) as producer:
+            results = producer.collect([producer.submit("embedded", cam)], timeout=60)
+    finally:
+        worker.stop()
+    # Then the map was rendered by the other process into the home folder
+    assert results[0].locator == (tmp_path / "home" / "maps" / "embedded.png").as_uri()
+    np.testing.assert_array_equal(decode(results[0].locator), colorize(cam))
+    assert "embedded" in worker.log()
+
+
+def test_cli_submit_then_collect_round_trips_npy_and_npz_files(local_stack: Stack, tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    (maps / "val").mkdir(parents=True)
+    rng = np.random.default_rng(10)
+    np.save(maps / "val" / "a.npy", rng.random((16, 16), dtype=np.float32))
+    np.save(maps / "b.npy", rng.integers(0, 256, (8, 12), dtype=np.uint8))
+    np.savez(maps / "c.npz", cat=rng.random((8, 8)), dog=rng.random((8, 8)))
+
+    submitted = actmap("submit", str(maps), env=local_stack.env, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    pending = [json.loads(line) for line in submitted.stdout.splitlines()]
+    assert sorted((p["image_id"], p["name"]) for p in pending) == [
+        ("b", None),
+        ("c", "cat"),
+        ("c", "dog"),
+        ("val/a", None),
+    ]
+    assert "run id:" in submitted.stderr
+
+    (tmp_path / "pending.jsonl").write_text(submitted.stdout)
+    collected = actmap("collect", str(tmp_path / "pending.jsonl"), env=local_stack.env, cwd=tmp_path)
+    assert collected.returncode == 0, collected.stderr
+    rows = [json.loads(line) for line in collected.stdout.splitlines()]
+    assert [(r["image_id"], r["name"], r["ok"]) for r in rows] == [
+        (p["image_id"], p["name"], True) for p in pending
+    ]
+    by_id = {(r["image_id"], r["name"]): r for r in rows}
+    np.testing.assert_array_equal(
+        decode(by_id[("val/a", None)]["locator"]), colorize(np.load(maps / "val" / "a.npy"))
+    )
+    assert by_id[("c", "cat")]["bitmap_mask"]["data_type"] == "ANNOTATION/BITMAP_MASK"
+
+
+def test_cli_submit_of_a_bad_map_file_says_what_is_wrong(local_stack: Stack, tmp_path: Path) -> None:
+    np.save(tmp_path / "rgb.npy", np.zeros((4, 4, 3), np.uint8))
+    submitted = actmap("submit", str(tmp_path / "rgb.npy"), env=local_stack.env, cwd=tmp_path)
+    assert submitted.returncode != 0
+    assert "InvalidMapError" in submitted.stderr and "3 channels" in submitted.stderr
+
+
+def test_actmap_demo_prints_locators_of_jet_pngs_and_writes_overlays(tmp_path: Path) -> None:
+    result = actmap("demo", "--count", "3", env={"ACTMAP_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    locators = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("  demo-")]
+    assert len(locators) == 3
+    for locator in locators:
+        rgba = decode(locator)
+        assert rgba.shape == (224, 224, 4)
+        # a Grad-CAM-like map: faded (transparent) background, a dark-red-to-red hot centre
+        assert rgba[..., 3].min() == 0
+        hottest = np.unravel_index(np.argmax(rgba[..., 3]), rgba.shape[:2])
+        assert rgba[hottest][0] >= 128 and rgba[hottest][2] == 0
+    overlays = sorted((tmp_path / "home" / "demo" / "overlays").glob("*.png"))
+    assert len(overlays) == 3
+
+
+def test_storage_errors_are_retried_with_backoff_up_to_the_bound_then_reported(tmp_path: Path) -> None:
+    # Given a worker whose S3 endpoint refuses every connection, with a small retry bound
+    with RedisServer() as redis_server:
+        env = {
+            "ACTMAP_HOME": str(tmp_path / "home"),
+            "ACTMAP_BROKER_URL": redis_server.url(0),
+            "ACTMAP_RESULT_BACKEND": redis_server.url(1),
+            "ACTMAP_STORAGE_URL": "s3://nowhere/maps",
+            "ACTMAP_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "ACTMAP_STORAGE_MAX_ATTEMPTS": "2",
+            "ACTMAP_TASK_MAX_RETRIES": "2",
+            "ACTMAP_RETRY_BACKOFF_MAX_S": "1",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        stack = Stack(env=env, log_dir=tmp_path)
+        stack.start_worker()
+        try:
+            # When a map is submitted
+            with stack.producer() as producer:
+                result = producer.collect(
+                    [producer.submit("unlucky", np.zeros((4, 4), np.uint8))], timeout=120
+                )[0]
+        finally:
+            stack.stop()
+    # Then it ends FAILED, naming the cause, after exactly the configured retries
+    assert result.error is not None
+    assert result.error.type == "StorageError"
+    assert "gave up after 2 retries" in result.error.message
+    assert "Could not connect" in result.error.message
+    assert stack.worker_logs().count("retrying 1 map(s)") == 2

@@ -1,0 +1,1 @@
+"""actmap worker: render, storage and the Celery task that composes them."""

@@ -1,0 +1,163 @@
+"""``actmap``: run a worker, submit map files, collect results, or try it all with ``demo``.
+
+Global options mirror the ``ACTMAP_*`` environment variables and are handed to the one
+Settings object through the environment, so a worker's pool processes see them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from producer.errors import ActmapError, CollectTimeoutError
+
+_GLOBAL_OPTIONS = {
+    "home": "ACTMAP_HOME",
+    "broker_url": "ACTMAP_BROKER_URL",
+    "result_backend": "ACTMAP_RESULT_BACKEND",
+    "storage_url": "ACTMAP_STORAGE_URL",
+    "s3_endpoint_url": "ACTMAP_S3_ENDPOINT_URL",
+    "queue": "ACTMAP_QUEUE",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--home", envvar="ACTMAP_HOME", show_envvar=True, help="Folder of the embedded default.")
+@click.option("--broker-url", envvar="ACTMAP_BROKER_URL", show_envvar=True, help="Celery broker URL.")
+@click.option(
+    "--result-backend", envvar="ACTMAP_RESULT_BACKEND", show_envvar=True, help="Result backend URL."
+)
+@click.option(
+    "--storage-url", envvar="ACTMAP_STORAGE_URL", show_envvar=True, help="s3://bucket/prefix or file:///dir."
+)
+@click.option(
+    "--s3-endpoint-url", envvar="ACTMAP_S3_ENDPOINT_URL", show_envvar=True, help="S3-compatible endpoint."
+)
+@click.option("--queue", envvar="ACTMAP_QUEUE", show_envvar=True, help="Celery queue name.")
+def cli(**options: str | None) -> None:
+    """Colorize activation maps on Celery workers and store them as PNGs for Kolena."""
+    for option, variable in _GLOBAL_OPTIONS.items():
+        if options[option] is not None:
+            os.environ[variable] = str(options[option])
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Start a worker. Any other flags go to `celery worker` (e.g. --concurrency 4 -n w1@%h)."""
+    from worker.app import app, settings
+
+    argv = ["worker", "--queues", settings.queue]
+    if settings.uses_filesystem_broker():
+        argv += ["--without-mingle", "--without-gossip"]
+    if not any(arg.startswith(("-l", "--loglevel")) for arg in celery_args):
+        argv += ["--loglevel", "INFO"]
+    app.worker_main([*argv, *celery_args])
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--run-id", help="Run id to submit under (default: a new one, printed).")
+@click.option("--colormap", default="jet")
+@click.option("--fade/--no-fade", "fade_low_activation", default=True, help="Fade low activations.")
+def submit(paths: tuple[Path, ...], run_id: str | None, colormap: str, fade_low_activation: bool) -> None:
+    """Submit .npy/.npz maps (files or folders); print one JSON line per map to collect later.
+
+    The image id is the file's path relative to the folder given, without its suffix; an
+    .npz with several arrays gives one map per array, named after it.
+    """
+    from producer.client import Producer
+
+    with Producer(run_id=run_id) as producer:
+        click.echo(f"run id: {producer.run_id}", err=True)
+        try:
+            handles = producer.submit_many(
+                _load_maps(paths), colormap=colormap, fade_low_activation=fade_low_activation, progress=True
+            )
+        except ActmapError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    for handle in handles:
+        click.echo(json.dumps({"run_id": handle.run_id, "image_id": handle.image_id, "name": handle.name}))
+
+
+@cli.command()
+@click.argument("pending", type=click.File("r"), default="-")
+@click.option("--run-id", help="Collect these image ids of this run instead of reading PENDING.")
+@click.option(
+    "--image-id", "image_ids", multiple=True, help="Image id to collect (with --run-id); repeatable."
+)
+@click.option("--timeout", type=float, default=300.0, help="Seconds to wait for the last result.")
+def collect(pending: Any, run_id: str | None, image_ids: tuple[str, ...], timeout: float) -> None:
+    """Print each map's result as a JSON line, reading what `actmap submit` printed (or --run-id)."""
+    from producer.client import Producer
+
+    if run_id:
+        wanted: list[tuple[str, str | None]] = [(image_id, None) for image_id in image_ids]
+    else:
+        rows = [json.loads(line) for line in pending if line.strip()]
+        run_ids = {row["run_id"] for row in rows}
+        if len(run_ids) > 1:
+            raise click.ClickException(f"PENDING mixes runs {sorted(run_ids)}; collect one run at a time")
+        run_id = run_ids.pop() if run_ids else None
+        wanted = [(row["image_id"], row.get("name")) for row in rows]
+    if not wanted:
+        raise click.ClickException("nothing to collect: give PENDING lines or --run-id with --image-id")
+    with Producer(run_id=run_id) as producer:
+        try:
+            results = producer.collect(wanted, timeout=timeout, progress=True)
+        except CollectTimeoutError as exc:
+            results = exc.results
+            click.echo(f"timeout: {exc}", err=True)
+    for result in results:
+        click.echo(json.dumps(result.to_dict()))
+    failed = sum(not r.ok for r in results)
+    if failed:
+        click.echo(f"{failed} of {len(results)} maps failed", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--count", type=int, default=6, help="How many images and maps to make.")
+@click.option("--size", type=int, default=224, help="Side of the maps and images, in pixels.")
+def demo(count: int, size: int) -> None:
+    """Make Grad-CAM-like maps, start a worker, submit, collect, and show where the PNGs are."""
+    from worker.demo import run_demo
+
+    try:
+        run_demo(count=count, size=size, echo=click.echo)
+    except ActmapError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load_maps(paths: tuple[Path, ...]) -> Iterator[tuple[str, Any, str | None]]:
+    import numpy as np
+
+    for root in paths:
+        files = (
+            sorted(p for p in root.rglob("*") if p.suffix in (".npy", ".npz")) if root.is_dir() else [root]
+        )
+        for file in files:
+            image_id = (
+                (file.relative_to(root) if root.is_dir() else Path(file.name)).with_suffix("").as_posix()
+            )
+            if file.suffix == ".npy":
+                yield image_id, np.load(file, allow_pickle=False), None
+                continue
+            with np.load(file, allow_pickle=False) as archive:
+                names = list(archive.files)
+                for name in names:
+                    yield image_id, archive[name], (None if len(names) == 1 else name)
+
+
+def main() -> None:
+    cli(prog_name="actmap")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Colormap lookup tables: 256 RGBA rows, one per uint8 intensity.
+
+Numpy only. Colorizing is ``lut(...)[intensities]``; the tables are built once and cached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+import numpy.typing as npt
+
+from producer.errors import InvalidMapError
+
+_M = 255  # the top intensity; every breakpoint below is a fraction of it
+
+
+def _jet_channel(x: float) -> int:
+    """One Jet channel: a trapezoid rising over [M/8, 3M/8], flat to 5M/8, falling until 7M/8."""
+    if x <= _M / 8:
+        return 0
+    if x <= 3 * _M / 8:
+        return round((x - _M / 8) * _M / (_M / 4))
+    if x <= 5 * _M / 8:
+        return _M
+    if x <= 7 * _M / 8:
+        return round((x - 5 * _M / 8) * (-_M) / (_M / 4) + _M)
+    return 0
+
+
+def _jet_rgb(i: int) -> tuple[int, int, int]:
+    # Python's round (halves to even) matters: several rows land exactly on .5.
+    return _jet_channel(i - _M / 4), _jet_channel(i), _jet_channel(i + _M / 4)
+
+
+def _fade_alpha(i: int) -> int:
+    # A logistic ramp centred on M/2 hides low activations; int() truncates like Kolena's uint8 cast.
+    return int(_M / (1 + math.exp((_M / 2 - i) / 8)))
+
+
+_RGB_BUILDERS: dict[str, Callable[[int], tuple[int, int, int]]] = {"jet": _jet_rgb}
+
+COLORMAP_NAMES: tuple[str, ...] = tuple(_RGB_BUILDERS)
+
+
+def lut(name: str, fade_low_activation: bool) -> npt.NDArray[np.uint8]:
+    """Return the read-only (256, 4) uint8 RGBA table of colormap ``name``."""
+    if not isinstance(name, str) or name not in _RGB_BUILDERS:
+        raise InvalidMapError(f"unknown colormap {name!r}; expected one of {', '.join(COLORMAP_NAMES)}")
+    if not isinstance(fade_low_activation, bool | np.bool_):
+        raise InvalidMapError(
+            f"fade_low_activation is {type(fade_low_activation).__name__} {fade_low_activation!r}; "
+            "expected a bool"
+        )
+    return _build(name, bool(fade_low_activation))
+
+
+@cache
+def _build(name: str, fade_low_activation: bool) -> npt.NDArray[np.uint8]:
+    rgb = _RGB_BUILDERS[name]
+    rows = [(*rgb(i), _fade_alpha(i) if fade_low_activation else _M) for i in range(_M + 1)]
+    table = np.array(rows, dtype=np.uint8)
+    # Shared by every caller through the cache: a stray write would corrupt every later map.
+    table.flags.writeable = False
+    return table

@@ -1,0 +1,162 @@
+"""Where PNGs go: an S3 bucket (any S3-compatible server) or a local folder.
+
+The only module that knows boto3. Every PUT carries Content-MD5, so a body corrupted on
+the way is refused by the server (BadDigest) rather than stored, and retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote, urlsplit
+
+from producer.errors import ConfigError, InvalidImageIdError, StorageError, StorageRejectedError
+from producer.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
+_PERMANENT_S3_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "NoSuchBucket", "InvalidBucketName", "SignatureDoesNotMatch"}
+)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    locator: str
+    size: int
+    checksum: str  # "md5:<hex>"; for a single-part S3 PUT it equals the object's ETag
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes) -> StoredObject: ...
+
+    def locator(self, key: str) -> str: ...
+
+
+class FileStorage:
+    """A local folder; ``file://`` locators. Writes are atomic: a reader never sees half a PNG."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+
+    def locator(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def put(self, key: str, data: bytes) -> StoredObject:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidImageIdError(f"object key {key!r} is too long for {self.root}") from exc
+            raise StorageError(f"could not write {path}: {exc}") from exc
+        return StoredObject(path.as_uri(), len(data), _md5(data)[0])
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        # keys.object_key already refuses escaping ids; this guards against a link in the tree.
+        if not path.is_relative_to(self.root):
+            raise InvalidImageIdError(f"object key {key!r} resolves outside {self.root}")
+        return path
+
+
+class S3Storage:
+    """An S3 bucket and prefix; ``s3://bucket/key`` locators."""
+
+    def __init__(self, client: S3Client, bucket: str, server_side_encryption: str | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.server_side_encryption = server_side_encryption
+
+    def locator(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def put(self, key: str, data: bytes) -> StoredObject:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        checksum, content_md5 = _md5(data)
+        extra = {"ServerSideEncryption": self.server_side_encryption} if self.server_side_encryption else {}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType="image/png",
+                ContentMD5=content_md5,
+                **extra,  # type: ignore[arg-type]
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            message = f"PUT {self.locator(key)} refused: {code}: {exc}"
+            if code in _PERMANENT_S3_CODES:
+                raise StorageRejectedError(message) from exc
+            raise StorageError(message) from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"PUT {self.locator(key)} failed: {type(exc).__name__}: {exc}") from exc
+        return StoredObject(self.locator(key), len(data), checksum)
+
+
+@dataclass(frozen=True)
+class StorageLocation:
+    storage: Storage
+    prefix: str
+
+
+def open_storage(settings: Settings) -> StorageLocation:
+    """The storage and key prefix named by ``settings.effective_storage_url``."""
+    url = settings.effective_storage_url
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"storage URL {url!r} names host {parts.netloc!r}; expected file:///absolute/dir"
+            )
+        return StorageLocation(FileStorage(Path(unquote(parts.path))), "")
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"storage URL {url!r} has no bucket; expected s3://bucket/prefix")
+        return StorageLocation(
+            S3Storage(make_s3_client(settings), parts.netloc, settings.s3_server_side_encryption),
+            parts.path.strip("/"),
+        )
+    raise ConfigError(
+        f"storage URL {url!r} has scheme {parts.scheme!r}; expected s3://bucket/prefix or file:///dir"
+    )
+
+
+def make_s3_client(settings: Settings) -> S3Client:
+    """A boto3 S3 client; credentials come from boto3's standard chain only."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": settings.storage_max_attempts},
+        connect_timeout=5,
+        read_timeout=30,
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
+    )
+    return boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config
+    )
+
+
+def _md5(data: bytes) -> tuple[str, str]:
+    digest = hashlib.md5(data, usedforsecurity=False)
+    return f"md5:{digest.hexdigest()}", base64.b64encode(digest.digest()).decode("ascii")

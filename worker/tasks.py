@@ -1,0 +1,99 @@
+"""The Celery task: messaging concerns only. The work itself is ``worker.pipeline``.
+
+One task message carries a list of map messages. Each map's result is stored under its
+own result id as soon as the map is done; maps whose storage failed are sent again, alone,
+with backoff, until ``task_max_retries`` — then they are recorded as failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from celery import Task
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer.celery_config import TASK_NAME
+from producer.errors import StorageError, WireFormatError
+from worker.app import app, settings
+from worker.backoff import backoff_s
+from worker.pipeline import Done, Failed, Pipeline, Retry
+from worker.storage import open_storage
+
+log = logging.getLogger("actmap.worker")
+
+
+@functools.cache
+def pipeline() -> Pipeline:
+    # Built on first use, inside the pool process: a boto3 client must not cross a fork.
+    return Pipeline(settings, open_storage(settings))
+
+
+# The broker or result backend going away mid-batch: run the whole batch again later.
+# Maps already stored are written again to the same key with the same bytes, and their
+# success results are never overwritten by anything but success.
+_BROKER_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
+
+
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=_BROKER_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=settings.retry_backoff_max_s,
+    max_retries=settings.task_max_retries,
+)
+def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
+    if not isinstance(maps, list):
+        raise WireFormatError(f"task argument must be a list of map messages, received {type(maps).__name__}")
+    backend = self.backend
+    done = failed = 0
+    unreadable: list[str] = []
+    retry: list[Retry] = []
+    for payload in maps:
+        outcome = pipeline().process(payload)
+        if isinstance(outcome, Done):
+            backend.mark_as_done(outcome.result_id, outcome.result)
+            done += 1
+        elif isinstance(outcome, Failed):
+            failed += 1
+            if outcome.result_id is None:
+                unreadable.append(str(outcome.error))
+            else:
+                backend.mark_as_failure(outcome.result_id, outcome.error)
+        else:
+            retry.append(outcome)
+    if retry:
+        _retry_or_give_up(self, retry)
+    if unreadable:
+        # No map id to report under: record it under the task's own id, and say so in the log.
+        error = WireFormatError(
+            f"{len(unreadable)} of {len(maps)} map messages unreadable; first: {unreadable[0]}"
+        )
+        backend.mark_as_failure(str(self.request.id), error)
+        log.error("task %s: %s", self.request.id, error)
+    return {"maps": len(maps), "done": done, "failed": failed, "retried": len(retry)}
+
+
+def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry]) -> None:
+    attempt = task.request.retries
+    if attempt < settings.task_max_retries:
+        countdown = backoff_s(attempt, cap_s=settings.retry_backoff_max_s)
+        log.info("retrying %d map(s) in %.1f s (retry %d)", len(retry), countdown, attempt + 1)
+        task.retry(
+            args=([r.payload for r in retry],),
+            countdown=countdown,
+            max_retries=settings.task_max_retries,
+            throw=False,
+        )
+        return
+    for r in retry:
+        error = StorageError(f"gave up after {attempt} retries: {r.error}")
+        task.backend.mark_as_failure(r.result_id, error)
+        log.error("map failed for good: %s", error, extra={"result_id": r.result_id})
