@@ -1,6 +1,6 @@
 """``actmap demo``: the whole trip on one machine, with nothing to configure.
 
-Makes a few synthetic images and Grad-CAM-like maps (a coarse 7x7 grid of activations
+Makes a few synthetic images and Grad-CAM-like maps (a coarse 14x14 grid of activations
 around the objects, upsampled bilinearly, as Grad-CAM's last conv layer gives), starts a
 worker, submits the maps, collects the results and writes overlays to look at.
 """
@@ -22,7 +22,7 @@ from producer.client import Producer
 from producer.results import MapResult
 from producer.settings import Settings
 
-GRID = 7  # Grad-CAM on a ResNet's last conv layer: 7x7 for a 224x224 input
+GRID = 14  # Grad-CAM on VGG16's last conv layer: 14x14 for a 224x224 input
 _OBJECT_COLOURS = np.array(
     [[230, 60, 50], [250, 210, 40], [60, 90, 230], [240, 240, 240], [30, 30, 30]], np.float32
 )
@@ -39,7 +39,7 @@ def synthetic_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
         cy, cx, radius = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.16)
         inside = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
         image[inside] = _OBJECT_COLOURS[rng.integers(len(_OBJECT_COLOURS))]
-        coarse += weight * np.exp(-((gy - cy) ** 2 + (gx - cx) ** 2) / (2 * (radius * 1.2) ** 2))
+        coarse += weight * np.exp(-((gy - cy) ** 2 + (gx - cx) ** 2) / (2 * radius**2))
     coarse = np.maximum(coarse - 0.15 * coarse.max(), 0)  # ReLU after the weighted sum, as Grad-CAM does
     cam = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR))
     cam = (cam - cam.min()) / max(float(cam.max() - cam.min()), 1e-6)
