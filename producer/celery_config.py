@@ -66,7 +66,13 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": 0.1,
         }
     return {
+        # A worker killed outright leaves its maps unacknowledged: they come back after the
+        # visibility timeout, found by a sweep every restore interval (kombu's defaults, one
+        # hour and ~100 s, would leave them stranded for an hour).
         "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+        "health_check_interval": 10,
         "socket_connect_timeout": min(settings.publish_timeout_s, 5.0),
         "socket_timeout": max(settings.publish_timeout_s, 30.0),
     }

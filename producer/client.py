@@ -1,13 +1,16 @@
 """The producer: submit activation maps from the GPU loop, collect their results later.
 
-``submit`` validates and quantizes the map, packs it and publishes one Celery message;
-rendering, encoding and uploading happen on the workers. ``collect`` reads the results of
+``submit`` validates and quantizes the map and packs it; a background thread publishes the
+packed maps in batches (see producer.publisher), so the loop does not wait on the broker.
+Rendering, encoding and uploading happen on the workers. ``collect`` reads the results of
 many maps per round trip from the result backend, keyed by run id, image id and map name,
 so any process that knows the run id can collect them.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
 import re
 import uuid
@@ -26,9 +29,12 @@ from producer.celery_config import TASK_NAME, make_celery
 from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
 from producer.intensity import to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
+from producer.publisher import BackgroundPublisher
 from producer.results import MapResult
 from producer.settings import Settings
-from producer.wire import MapMessage, encode_map, validate_colormap
+from producer.wire import MapMessage, compress_map, encode_map, validate_colormap
+
+log = logging.getLogger("actmap.producer")
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -61,6 +67,17 @@ class Producer:
         if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(f"run id {self.run_id!r} is not valid; expected 1-128 of A-Z a-z 0-9 . _ -")
         self._app = make_celery(self.settings, "actmap-producer")
+        self._publisher: BackgroundPublisher | None = None
+        if self.settings.background_publish:
+            self._publisher = BackgroundPublisher(
+                self._publish,
+                capacity=self.settings.publish_buffer_maps,
+                batch_size=self.settings.batch_size,
+                linger_s=self.settings.publish_linger_s,
+            )
+            # A script that never calls close() still gets its maps published on exit.
+            atexit.register(self._close_at_exit)
+        self._closed = False
 
     # -- submitting -------------------------------------------------------------------
 
@@ -73,9 +90,9 @@ class Producer:
         colormap: str = "jet",
         fade_low_activation: bool = True,
     ) -> PendingMap:
-        """Queue one map; returns once the broker has it. Bad input raises at once."""
+        """Queue one map and return at once. Bad input raises here, before anything is sent."""
         pending, payload = self._pack(image_id, activation_map, name, colormap, fade_low_activation)
-        self._publish([payload])
+        self._send([payload])
         return pending
 
     def submit_many(
@@ -96,13 +113,20 @@ class Producer:
                 handles.append(pending)
                 batch.append(payload)
                 if len(batch) >= self.settings.batch_size:
-                    self._publish(batch)
+                    self._send(batch)
                     bar.update(len(batch))
                     batch = []
             if batch:
-                self._publish(batch)
+                self._send(batch)
                 bar.update(len(batch))
         return handles
+
+    def _send(self, payloads: list[bytes]) -> None:
+        if self._publisher is None:
+            self._publish(payloads)
+            return
+        for payload in payloads:
+            self._publisher.put(payload, timeout_s=self.settings.publish_timeout_s)
 
     def _pack(
         self, image_id: str, activation_map: Any, name: str | None, colormap: str, fade: bool
@@ -124,7 +148,7 @@ class Producer:
         try:
             self._app.send_task(
                 TASK_NAME,
-                args=[payloads],
+                args=[[compress_map(p, self.settings.wire_compress_level) for p in payloads]],
                 queue=self.settings.queue,
                 ignore_result=True,  # results are per map, stored by the worker under their own ids
                 retry=True,
@@ -159,6 +183,7 @@ class Producer:
         carrying the results that did arrive, if ``timeout`` seconds pass first.
         """
         wanted = [self._pending(item) for item in maps]
+        self.flush(timeout)  # a map still in the buffer has no result to wait for
         found: dict[str, dict[str, Any]] = {}
         ids = {p.result_id for p in wanted}
         try:
@@ -194,8 +219,37 @@ class Producer:
         validate_map_name(name)
         return PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name))
 
+    @property
+    def unsent(self) -> int:
+        """Maps submitted but not yet taken by the broker (0 without background publishing)."""
+        return 0 if self._publisher is None else self._publisher.unsent
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every map submitted so far is published (``flush_timeout_s`` by default).
+
+        Raises BrokerError, saying how many maps are unsent, if the broker does not take
+        them in time; they stay buffered and the publisher keeps retrying.
+        """
+        if self._publisher is not None:
+            self._publisher.flush(self.settings.flush_timeout_s if timeout is None else timeout)
+
     def close(self) -> None:
-        self._app.close()
+        """Publish what is buffered (BrokerError if it cannot within ``flush_timeout_s``), then disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        try:
+            if self._publisher is not None:
+                self._publisher.close(self.settings.flush_timeout_s)
+        finally:
+            self._app.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except BrokerError as exc:
+            log.error("exiting with maps unpublished: %s", exc)
 
     def __enter__(self) -> Producer:
         return self

@@ -12,6 +12,7 @@ Map names are short identifiers; a named map is stored as ``<image_id>~<name>.pn
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 
@@ -25,8 +26,9 @@ NAME_SEPARATOR = "~"
 PNG_SUFFIX = ".png"
 
 _MAP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Backslash is a separator on Windows; '#' and '?' would cut a locator URL short.
-_FORBIDDEN_CHARS = frozenset("\\#?" + NAME_SEPARATOR)
+# Backslash is a separator on Windows; '#' and '?' would cut a locator URL short, and a
+# client that unquotes a locator would read '%2e%2e' as '..'.
+_FORBIDDEN_CHARS = frozenset("\\#?%" + NAME_SEPARATOR)
 # Control, format (e.g. bidi overrides, zero-width), surrogate, private and unassigned
 # code points, and line/paragraph separators.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
@@ -91,9 +93,13 @@ def object_key(prefix: str, image_id: str, name: str | None = None) -> str:
 
 
 def result_id(run_id: str, image_id: str, name: str | None = None) -> str:
-    """The result backend id of one map of one run: hashed, so safe as a Redis key and a file name."""
-    digest = hashlib.sha256("\0".join((run_id, image_id, name or "")).encode("utf-8", "surrogatepass"))
-    return f"actmap-{digest.hexdigest()[:40]}"
+    """The result backend id of one map of one run: hashed, so safe as a Redis key and a file name.
+
+    The hash is of an unambiguous encoding (a JSON list), so no two triples share an id
+    whatever characters a decoded message carries.
+    """
+    text = json.dumps([run_id, image_id, name])
+    return f"actmap-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}"
 
 
 def _shorten(text: str, limit: int = 80) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,8 +36,26 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(86_400, ge=60, description="How long results stay in the result backend.")
     batch_size: int = Field(32, ge=1, le=4096, description="Maps per Celery message in submit_many.")
     quantize: bool = Field(True, description="Send float maps as rint(x*255) uint8: same PNG, 4x smaller.")
+    wire_compress_level: int = Field(
+        1,
+        ge=0,
+        le=9,
+        description="zlib level for map messages on the wire (0: off); done off the caller's thread.",
+    )
     publish_timeout_s: float = Field(
-        10.0, gt=0, description="How long submit waits for an unreachable broker."
+        10.0, gt=0, description="How long a publish retries an unreachable broker."
+    )
+    background_publish: bool = Field(
+        True, description="Publish from a background thread: submit returns at once."
+    )
+    publish_buffer_maps: int = Field(
+        10_000, ge=1, description="Maps the background publisher holds before submit blocks."
+    )
+    publish_linger_s: float = Field(
+        0.02, ge=0, description="How long the publisher waits for more maps to fill a message."
+    )
+    flush_timeout_s: float = Field(
+        60.0, gt=0, description="How long flush and close wait for buffered maps to be published."
     )
 
     max_pixels: int = Field(4096 * 4096, ge=1, description="Largest map accepted, in pixels.")
@@ -46,10 +64,26 @@ class Settings(BaseSettings):
 
     storage_max_attempts: int = Field(5, ge=1, description="boto3 attempts per PUT (total, first included).")
     task_max_retries: int = Field(5, ge=0, description="Celery retries of maps whose storage still failed.")
-    retry_backoff_max_s: int = Field(60, ge=1, description="Cap of the exponential backoff between retries.")
+    retry_backoff_max_s: int = Field(30, ge=1, description="Cap of the exponential backoff between retries.")
     visibility_timeout_s: int = Field(
-        600, ge=10, description="Redis broker: seconds before an unacknowledged message is redelivered."
+        60,
+        ge=5,
+        description="Redis broker: seconds before a dead worker's unacknowledged maps are redelivered.",
     )
+    restore_interval_s: int = Field(
+        5, ge=1, description="Redis broker: seconds between sweeps for unacknowledged maps to redeliver."
+    )
+
+    @model_validator(mode="after")
+    def _retries_wait_less_than_redelivery(self) -> Settings:
+        # A retry waits in a worker, unacknowledged, for its countdown: longer than the
+        # visibility timeout and the broker would hand the same maps to a second worker.
+        if self.retry_backoff_max_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"retry_backoff_max_s ({self.retry_backoff_max_s}) must be less than "
+                f"visibility_timeout_s ({self.visibility_timeout_s})"
+            )
+        return self
 
     @property
     def resolved_home(self) -> Path:
@@ -65,7 +99,8 @@ class Settings(BaseSettings):
 
     @property
     def effective_storage_url(self) -> str:
-        return self.storage_url or f"file://{self.resolved_home / 'maps'}"
+        # as_uri percent-encodes: open_storage unquotes, and a '#', '?' or '%' in home must survive.
+        return self.storage_url or (self.resolved_home / "maps").as_uri()
 
     @property
     def broker_folder(self) -> Path:

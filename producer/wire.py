@@ -13,11 +13,16 @@ A map message is a msgpack map with these fields (version 1)::
     fade      bool   fade_low_activation
 
 A Celery task message carries a list of these as binary strings, so a batch of maps
-costs one broker message and each map stays decodable (and fuzzable) on its own.
+costs one broker message and each map stays decodable (and fuzzable) on its own. Each may
+be sent as a zlib stream (RFC 1950) of the msgpack bytes instead: a msgpack map begins with
+a byte 0x80-0x8f, 0xde or 0xdf, a zlib stream with 0x78, so the first byte tells which.
+Smooth maps deflate about 4x, which is 4x less for the broker to carry and encode.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,12 +84,34 @@ def encode_map(message: MapMessage) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
+def compress_map(payload: bytes, level: int) -> bytes:
+    """The zlib form of a packed map message; ``level`` 0 leaves it as it is."""
+    return zlib.compress(payload, level) if level > 0 else payload
+
+
+def _inflate(payload: bytes | bytearray | memoryview, max_message_bytes: int) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        # Bounded: a small stream must not unpack into more than a message may be.
+        data = inflater.decompress(payload, max_message_bytes)
+    except zlib.error as exc:
+        raise MapDecodeError(f"map message is not a valid zlib stream ({exc})") from exc
+    if inflater.unconsumed_tail:
+        raise MapDecodeError(f"map message inflates to over {max_message_bytes} bytes; expected at most that")
+    if not inflater.eof:
+        raise MapDecodeError("map message is a truncated zlib stream")
+    return data
+
+
 def decode_map(payload: object, *, max_pixels: int, max_message_bytes: int) -> MapMessage:
     """Unpack and check a map message; raise MapDecodeError saying what is wrong."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise MapDecodeError(f"map message must be bytes, received {type(payload).__name__}")
-    if len(payload) > max_message_bytes:
-        raise MapDecodeError(f"map message is {len(payload)} bytes; expected at most {max_message_bytes}")
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)  # len() of a view counts items
+    if size > max_message_bytes:
+        raise MapDecodeError(f"map message is {size} bytes; expected at most {max_message_bytes}")
+    if payload[:1] == b"\x78":
+        payload = _inflate(payload, max_message_bytes)
     try:
         fields = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_message_bytes)
     except Exception as exc:  # msgpack raises several unrelated types for corrupt input
@@ -108,7 +135,7 @@ def _identity(fields: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
 
 def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMessage:
     version = fields.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # not True, not 1.0
         raise WireFormatError(f"map message version is {version!r}; this worker reads version {VERSION}")
     missing = _FIELDS - set(fields)
     if missing:
@@ -124,7 +151,7 @@ def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMe
     shape = _shape(fields["shape"], max_pixels)
     data = _typed(fields, "data", bytes)
     dtype = np.dtype(dtype_name).newbyteorder("<")
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: np.prod wraps around past 2**63
     if len(data) != expected:
         raise WireFormatError(
             f"map data is {len(data)} bytes; shape {list(shape)} of {dtype_name} needs {expected}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 
@@ -11,5 +12,9 @@ def backoff_s(retries: int, *, base_s: float = 1.0, cap_s: float = 60.0) -> floa
     The jitter spreads the retries of many workers that failed at the same moment (S3
     throttling hits them all at once); the floor of c/2 keeps the wait growing.
     """
-    ceiling = min(cap_s, base_s * 2 ** max(retries, 0))
+    try:
+        # ldexp(b, n) is b * 2**n without building 2**n: no huge int, and OverflowError past 2**1023.
+        ceiling = min(cap_s, math.ldexp(base_s, max(retries, 0)))
+    except OverflowError:
+        ceiling = cap_s
     return random.uniform(ceiling / 2, ceiling)

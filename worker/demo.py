@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 from PIL import Image
@@ -77,7 +79,7 @@ def run_demo(*, count: int, size: int, echo: Callable[[str], None]) -> list[MapR
     for result in results:
         echo(f"  {result.image_id}: {result.locator if result.ok else result.error}")
         if result.ok and result.locator and result.locator.startswith("file://"):
-            png = Path(result.locator.removeprefix("file://"))
+            png = Path(url2pathname(urlsplit(result.locator).path))
             overlay(scenes[result.image_id][0], png).save(folder / "overlays" / f"{result.image_id}.png")
     echo(f"done in {time.monotonic() - started:.1f} s")
     echo(f"images:   {folder / 'images'}")

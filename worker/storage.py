@@ -22,6 +22,10 @@ from producer.settings import Settings
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+_umask = os.umask(0)
+os.umask(_umask)
+_FILE_MODE = 0o666 & ~_umask
+
 # Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
 _PERMANENT_S3_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "NoSuchBucket", "InvalidBucketName", "SignatureDoesNotMatch"}
@@ -58,6 +62,8 @@ class FileStorage:
             try:
                 with os.fdopen(handle, "wb") as out:
                     out.write(data)
+                    # mkstemp makes the file private (0600); a PNG is for viewers and servers.
+                    os.fchmod(out.fileno(), _FILE_MODE)
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -71,7 +77,8 @@ class FileStorage:
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         # keys.object_key already refuses escaping ids; this guards against a link in the tree.
-        if not path.is_relative_to(self.root):
+        # The root itself is no object's place either: its temporary file would go outside it.
+        if path == self.root or not path.is_relative_to(self.root):
             raise InvalidImageIdError(f"object key {key!r} resolves outside {self.root}")
         return path
 
@@ -148,7 +155,7 @@ def make_s3_client(settings: Settings) -> S3Client:
     config = Config(
         retries={"mode": "standard", "total_max_attempts": settings.storage_max_attempts},
         connect_timeout=5,
-        read_timeout=30,
+        read_timeout=10,
         signature_version="s3v4",
         s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
     )

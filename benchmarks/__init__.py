@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints a table; none is a test."""

@@ -1,0 +1,129 @@
+"""What the GPU loop pays per map: ``python -m benchmarks.producer``.
+
+Blocking time of ``submit`` at an offered load (a GPU's pace), with the background
+publisher (the default) and with synchronous publishing — a plain Celery ``send_task`` of
+the same packed map per call — measured in the same run against a private Redis on
+loopback; per-map time of ``submit_many``; bytes per map in the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from producer import Producer, Settings
+from producer.intensity import to_intensities
+from tests.support.redis_server import RedisServer
+
+
+def gradcam_like(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cam = np.zeros((size, size))
+    for _ in range(3):
+        cy, cx, s = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
+        cam += rng.uniform(0.3, 1) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
+    return (cam / cam.max()).astype(np.float32)
+
+
+def paced_submits(producer: Producer, maps: list[np.ndarray], count: int, rate: float) -> list[float]:
+    """Submit ``count`` maps at ``rate`` per second; return each call's blocking time in ms."""
+    blocked: list[float] = []
+    start = time.perf_counter()
+    for i in range(count):
+        due = start + i / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(due - now, 0.001))
+        t0 = time.perf_counter()
+        producer.submit(f"bench/{i:06d}", maps[i % len(maps)])
+        blocked.append((time.perf_counter() - t0) * 1e3)
+    return blocked
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(samples)
+    return (
+        statistics.median(ordered),
+        ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        ordered[-1],
+    )
+
+
+def broker_bytes_per_map(redis_server: RedisServer, queue: str, maps: int) -> float:
+    client = redis_server.client(0)
+    total = sum(len(m) for m in client.lrange(queue, 0, -1))
+    client.delete(queue)
+    return total / maps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--maps", type=int, default=2000, help="maps per paced run")
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    maps = [gradcam_like(rng, args.size) for _ in range(32)]
+    quantize_ms = statistics.median(_time_ms(lambda: to_intensities(maps[0])) for _ in range(200))
+
+    rows: list[tuple[str, str]] = []
+    with RedisServer() as redis_server, tempfile.TemporaryDirectory() as home:
+        base = {"home": Path(home), "broker_url": redis_server.url(0), "result_backend": redis_server.url(1)}
+        figures: dict[str, tuple[float, float, float]] = {}
+        for label, background, rate in [
+            ("submit, background publisher", True, 200.0),
+            ("plain Celery send_task per map", False, 200.0),
+            ("submit, background publisher", True, 2000.0),
+        ]:
+            settings = Settings(**base, background_publish=background)
+            with Producer(settings) as producer:
+                paced_submits(producer, maps, 100, rate)  # warm up connections and caches
+                producer.flush()
+                redis_server.client(0).delete(settings.queue)
+                blocked = paced_submits(producer, maps, args.maps, rate)
+                producer.flush()
+            figures[f"{label} @ {rate:g}/s"] = percentiles(blocked)
+            wire = broker_bytes_per_map(redis_server, settings.queue, args.maps)
+            rows.append((f"broker bytes per map ({label} @ {rate:g}/s)", f"{wire:,.0f}"))
+        with Producer(Settings(**base)) as producer:
+            items = [(f"many/{i:06d}", maps[i % len(maps)]) for i in range(args.maps)]
+            t0 = time.perf_counter()
+            producer.submit_many(items)
+            submit_many_ms = (time.perf_counter() - t0) * 1e3 / args.maps
+            producer.flush()
+            flushed_ms = (time.perf_counter() - t0) * 1e3 / args.maps
+        redis_server.client(0).delete("actmap")
+        with Producer(Settings(**base, quantize=False, background_publish=False)) as producer:
+            producer.submit("raw", maps[0])
+            raw_wire = broker_bytes_per_map(redis_server, "actmap", 1)
+
+    print(f"\nproducer, {args.size}x{args.size} float32 maps, {args.maps} per run, Redis on loopback\n")
+    print(f"| {'per submit call (ms)':<52} | {'p50':>6} | {'p99':>6} | {'max':>6} |")
+    print(f"|{'-' * 54}|{'-' * 8}|{'-' * 8}|{'-' * 8}|")
+    for label, (p50, p99, worst) in figures.items():
+        print(f"| {label:<52} | {p50:6.3f} | {p99:6.3f} | {worst:6.2f} |")
+    background = figures["submit, background publisher @ 200/s"][0]
+    plain = figures["plain Celery send_task per map @ 200/s"][0]
+    rows += [
+        ("plain send_task p50 / background submit p50 @ 200/s", f"{plain / background:.1f}x"),
+        ("submit_many, ms per map (returns)", f"{submit_many_ms:.3f}"),
+        ("submit_many, ms per map (until all published)", f"{flushed_ms:.3f}"),
+        ("quantize alone (to_intensities), ms", f"{quantize_ms:.3f}"),
+        ("broker bytes per map, unquantized float32", f"{raw_wire:,.0f}"),
+    ]
+    print()
+    for label, value in rows:
+        print(f"| {label:<66} | {value:>10} |")
+
+
+def _time_ms(fn: object) -> float:
+    t0 = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return (time.perf_counter() - t0) * 1e3
+
+
+if __name__ == "__main__":
+    main()

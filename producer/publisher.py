@@ -1,0 +1,125 @@
+"""Publishing off the caller's thread: a bounded buffer drained by one background thread.
+
+``submit`` only validates, quantizes and packs a map (a few tens of microseconds), then
+hands the bytes to this buffer; the thread publishes them in batches — whatever is waiting,
+up to ``batch_size`` maps per Celery message — so the GPU loop never waits on the broker.
+
+Guarantees: a map ``put`` here is published or reported. While the broker is unreachable
+the thread keeps retrying; the buffer fills; once full, ``put`` blocks, and raises
+BrokerError if no room appears within its timeout. ``flush`` waits until everything put so
+far is published, or raises BrokerError saying how many maps are still unsent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from producer.errors import BrokerError
+
+log = logging.getLogger("actmap.producer")
+
+Send = Callable[[list[bytes]], None]
+
+
+class BackgroundPublisher:
+    def __init__(self, send: Send, *, capacity: int, batch_size: int, linger_s: float) -> None:
+        self._send = send
+        self._capacity = capacity
+        self._batch_size = batch_size
+        self._linger_s = linger_s
+        self._buffer: deque[bytes] = deque()
+        self._changed = threading.Condition()
+        self._accepted = 0  # maps put so far
+        self._published = 0  # maps the broker has taken so far
+        self._last_error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="actmap-publisher", daemon=True)
+        self._thread.start()
+
+    @property
+    def unsent(self) -> int:
+        """Maps accepted but not yet taken by the broker."""
+        with self._changed:
+            return self._accepted - self._published
+
+    def put(self, payload: bytes, timeout_s: float) -> None:
+        """Buffer one map; blocks while the buffer is full, up to ``timeout_s``."""
+        with self._changed:
+            if self._closing:
+                raise BrokerError("producer is closed; create a new Producer to submit more maps")
+            if len(self._buffer) >= self._capacity and not self._changed.wait_for(
+                lambda: len(self._buffer) < self._capacity, timeout=timeout_s
+            ):
+                raise BrokerError(
+                    f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
+                    f"the broker is not taking messages: {self._last_error}"
+                )
+            self._buffer.append(payload)
+            self._accepted += 1
+            self._changed.notify_all()
+
+    def flush(self, timeout_s: float | None) -> None:
+        """Wait until every map put so far is published; BrokerError if ``timeout_s`` passes first."""
+        with self._changed:
+            target = self._accepted
+            if not self._changed.wait_for(lambda: self._published >= target, timeout=timeout_s):
+                unsent = target - self._published
+                raise BrokerError(
+                    f"{unsent} map(s) still unsent after {timeout_s:g} s (kept in the buffer, still "
+                    f"retrying): the broker is not taking messages: {self._last_error}"
+                )
+
+    def close(self, timeout_s: float | None) -> None:
+        """Flush, then stop the thread. Maps still unsent after ``timeout_s`` raise BrokerError."""
+        try:
+            self.flush(timeout_s)
+        finally:
+            with self._changed:
+                self._closing = True
+                self._changed.notify_all()
+            self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._send(batch)
+            except Exception as exc:  # keep the maps: nothing accepted may be dropped
+                self._requeue(batch, exc)
+                time.sleep(0.5)
+                continue
+            with self._changed:
+                self._published += len(batch)
+                if self._last_error is not None:
+                    log.warning("broker reachable again; publishing resumed")
+                    self._last_error = None
+                self._changed.notify_all()
+
+    def _next_batch(self) -> list[bytes] | None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._buffer or self._closing)
+            if not self._buffer:
+                return None  # closing, and nothing left
+            if len(self._buffer) < self._batch_size and self._linger_s > 0 and not self._closing:
+                # A moment's wait lets a busy loop's next maps join this message.
+                self._changed.wait_for(
+                    lambda: len(self._buffer) >= self._batch_size or self._closing, timeout=self._linger_s
+                )
+            count = min(self._batch_size, len(self._buffer))
+            batch = [self._buffer.popleft() for _ in range(count)]
+            self._changed.notify_all()  # room in the buffer for a blocked put
+            return batch
+
+    def _requeue(self, batch: list[bytes], error: Exception) -> None:
+        with self._changed:
+            if self._last_error is None:
+                log.warning("cannot publish %d map(s), will keep retrying: %s", len(batch), error)
+            self._last_error = error
+            self._buffer.extendleft(reversed(batch))
+            self._changed.notify_all()

@@ -1,0 +1,45 @@
+"""The public surface: what `producer` exports, and what importing it costs a GPU process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+import producer
+from producer import Producer, Settings
+from producer.wire import decode_map
+
+
+def imported_modules_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_importing_the_producer_and_its_client_loads_neither_pillow_nor_boto3() -> None:
+    loaded = imported_modules_after("import producer\nfrom producer import Producer\nProducer")
+    assert "celery" in loaded  # the client did load
+    assert not {m for m in loaded if m.split(".")[0] in {"PIL", "boto3", "botocore", "worker"}}
+
+
+def test_importing_the_producer_package_alone_does_not_load_celery() -> None:
+    loaded = imported_modules_after("import producer")
+    assert "celery" not in loaded and "kombu" not in loaded
+
+
+def test_every_name_in_dunder_all_exists() -> None:
+    for name in producer.__all__:
+        assert getattr(producer, name) is not None, name
+
+
+def test_float_maps_are_sent_quantized_by_default_a_quarter_of_the_bytes(tmp_path) -> None:
+    cam = np.random.default_rng(0).random((224, 224), dtype=np.float32)
+    quantized = Producer(Settings(home=tmp_path))._pack("a", cam, None, "jet", True)[1]
+    raw = Producer(Settings(home=tmp_path, quantize=False))._pack("a", cam, None, "jet", True)[1]
+    decoded = decode_map(quantized, max_pixels=10**6, max_message_bytes=10**7)
+    assert decoded.array.dtype == np.uint8
+    np.testing.assert_array_equal(decoded.array, np.rint(cam * 255).astype(np.uint8))
+    assert len(raw) > 3.9 * len(quantized)
+    assert decode_map(raw, max_pixels=10**6, max_message_bytes=10**7).array.dtype == np.float32
