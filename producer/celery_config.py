@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
@@ -34,6 +36,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": _transport_options(settings),
         "worker_hijack_root_logger": False,
     }
+    # rediss:// without ssl_cert_reqs in the URL: verify the server's certificate (against the system
+    # trust store unless ssl_ca_certs names a CA). Left alone, kombu's broker would connect without
+    # verifying anything, and Celery's Redis result backend would refuse the URL outright.
+    if _verifies_by_default(settings.effective_broker_url):
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if _verifies_by_default(settings.effective_result_backend):
+        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     if settings.uses_filesystem_broker():
         # The filesystem transport has no fan-out exchange: no remote control, no events.
         config["worker_enable_remote_control"] = False
@@ -52,6 +61,11 @@ def make_celery(settings: Settings, main: str) -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
+
+
+def _verifies_by_default(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "rediss" and "ssl_cert_reqs" not in parse_qs(parts.query)
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:

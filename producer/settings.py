@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest map message accepted.")
     png_compress_level: int = Field(6, ge=0, le=9, description="zlib level of the PNG encoder.")
 
+    upload_threads: int = Field(4, ge=1, le=64, description="PUTs in flight per worker process.")
     storage_max_attempts: int = Field(5, ge=1, description="boto3 attempts per PUT (total, first included).")
     task_max_retries: int = Field(5, ge=0, description="Celery retries of maps whose storage still failed.")
     retry_backoff_max_s: int = Field(30, ge=1, description="Cap of the exponential backoff between retries.")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +50,54 @@ class Retry:
 Outcome = Done | Failed | Retry
 
 
+@dataclass(frozen=True)
+class _Rendered:
+    """A map decoded and rendered, waiting for its PUT."""
+
+    result_id: str
+    payload: bytes
+    image_id: str
+    name: str | None
+    key: str
+    png: bytes
+    width: int
+    height: int
+    render_ms: float
+
+
 class Pipeline:
-    def __init__(self, settings: Settings, location: StorageLocation) -> None:
+    """Renders maps one after another and stores them ``upload_threads`` at a time.
+
+    A PUT is mostly waiting on the network: with threads the next map renders meanwhile,
+    instead of the process idling for each upload.
+    """
+
+    def __init__(self, settings: Settings, location: StorageLocation, upload_threads: int = 4) -> None:
         self.settings = settings
         self.location = location
+        self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="actmap-upload")
 
     def process(self, payload: bytes) -> Outcome:
+        """One map, start to end."""
+        return next(iter(self.process_batch([payload])))
+
+    def process_batch(self, payloads: Iterable[bytes]) -> Iterator[Outcome]:
+        """Each map's outcome, as soon as it is known (not in the order given)."""
+        pending: set[Future[Outcome]] = set()
+        for payload in payloads:
+            rendered = self._render(payload)
+            if isinstance(rendered, Failed):
+                yield rendered
+            else:
+                pending.add(self._uploads.submit(self._store, rendered))
+            finished = {f for f in pending if f.done()}
+            pending -= finished
+            for future in finished:
+                yield future.result()
+        for future in as_completed(pending):
+            yield future.result()
+
+    def _render(self, payload: bytes) -> _Rendered | Failed:
         started = time.perf_counter()
         try:
             message = decode_map(
@@ -66,7 +110,6 @@ class Pipeline:
             log.warning("map rejected: %s", exc, extra={"result_id": rid})
             return Failed(rid, exc)
         rid = result_id(message.run_id, message.image_id, message.name)
-        fields = {"image_id": message.image_id, "map_name": message.name, "result_id": rid}
         try:
             png = render_png(
                 message.array,
@@ -74,39 +117,51 @@ class Pipeline:
                 message.fade_low_activation,
                 compress_level=self.settings.png_compress_level,
             )
-            rendered = time.perf_counter()
             key = object_key(self.location.prefix, message.image_id, message.name)
-            stored = self.location.storage.put(key, png)
-        except PermanentError as exc:
-            log.warning("map %r failed: %s: %s", message.image_id, type(exc).__name__, exc, extra=fields)
-            return Failed(rid, exc)
-        except TransientError as exc:
-            log.info("map %r will be retried: %s", message.image_id, exc, extra=fields)
-            return Retry(rid, payload, exc)
         except Exception as exc:
-            # A bug must cost one map, not the batch or the worker.
-            log.exception("map %r failed unexpectedly", message.image_id, extra=fields)
-            return Failed(rid, exc)
-        finished = time.perf_counter()
+            return self._failed(rid, message.image_id, exc)
         height, width = message.array.shape[:2]
+        render_ms = (time.perf_counter() - started) * 1e3
+        return _Rendered(rid, payload, message.image_id, message.name, key, png, width, height, render_ms)
+
+    def _store(self, map_: _Rendered) -> Outcome:
+        started = time.perf_counter()
+        fields = {"image_id": map_.image_id, "map_name": map_.name, "result_id": map_.result_id}
+        try:
+            stored = self.location.storage.put(map_.key, map_.png)
+        except TransientError as exc:
+            log.info("map %r will be retried: %s", map_.image_id, exc, extra=fields)
+            return Retry(map_.result_id, map_.payload, exc)
+        except Exception as exc:
+            return self._failed(map_.result_id, map_.image_id, exc)
         log.info(
             "map %r stored at %s (%d bytes, render %.1f ms, store %.1f ms)",
-            message.image_id,
+            map_.image_id,
             stored.locator,
             stored.size,
-            (rendered - started) * 1e3,
-            (finished - rendered) * 1e3,
+            map_.render_ms,
+            (time.perf_counter() - started) * 1e3,
             extra=fields,
         )
         return Done(
-            rid,
+            map_.result_id,
             success_result(
-                image_id=message.image_id,
-                name=message.name,
+                image_id=map_.image_id,
+                name=map_.name,
                 locator=stored.locator,
-                width=width,
-                height=height,
+                width=map_.width,
+                height=map_.height,
                 size=stored.size,
                 checksum=stored.checksum,
             ),
         )
+
+    @staticmethod
+    def _failed(rid: str, image_id: str, exc: Exception) -> Failed:
+        fields = {"image_id": image_id, "result_id": rid}
+        if isinstance(exc, PermanentError):
+            log.warning("map %r failed: %s: %s", image_id, type(exc).__name__, exc, extra=fields)
+        else:
+            # A bug must cost one map, not the batch or the worker.
+            log.error("map %r failed unexpectedly", image_id, exc_info=exc, extra=fields)
+        return Failed(rid, exc)

@@ -10,7 +10,7 @@ import base64
 import errno
 import hashlib
 import os
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,10 +21,6 @@ from producer.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-_umask = os.umask(0)
-os.umask(_umask)
-_FILE_MODE = 0o666 & ~_umask
 
 # Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
 _PERMANENT_S3_CODES = frozenset(
@@ -50,29 +46,41 @@ class FileStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
+        self._folders: set[Path] = set()  # made already: one mkdir per folder, not per map
 
     def locator(self, key: str) -> str:
         return self._path(key).as_uri()
 
     def put(self, key: str, data: bytes) -> StoredObject:
         path = self._path(key)
+        # Unique per process and thread, so concurrent duplicates of a map never share it.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+            handle = self._create(tmp)
             try:
                 with os.fdopen(handle, "wb") as out:
                     out.write(data)
-                    # mkstemp makes the file private (0600); a PNG is for viewers and servers.
-                    os.fchmod(out.fileno(), _FILE_MODE)
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise InvalidImageIdError(f"object key {key!r} is too long for {self.root}") from exc
             raise StorageError(f"could not write {path}: {exc}") from exc
         return StoredObject(path.as_uri(), len(data), _md5(data)[0])
+
+    def _create(self, tmp: Path) -> int:
+        if tmp.parent not in self._folders:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(tmp.parent)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            # 0o666 less the umask, as for any new file: a PNG is for viewers and servers.
+            return os.open(tmp, flags, 0o666)
+        except FileNotFoundError:  # the folder was removed since: make it again
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(tmp, flags, 0o666)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()

@@ -21,6 +21,7 @@ from producer.errors import StorageError, WireFormatError
 from worker.app import app, settings
 from worker.backoff import backoff_s
 from worker.pipeline import Done, Failed, Pipeline, Retry
+from worker.result_store import ResultStore
 from worker.storage import open_storage
 
 log = logging.getLogger("actmap.worker")
@@ -29,7 +30,7 @@ log = logging.getLogger("actmap.worker")
 @functools.cache
 def pipeline() -> Pipeline:
     # Built on first use, inside the pool process: a boto3 client must not cross a fork.
-    return Pipeline(settings, open_storage(settings))
+    return Pipeline(settings, open_storage(settings), settings.upload_threads)
 
 
 # The broker or result backend going away mid-batch: run the whole batch again later.
@@ -52,21 +53,20 @@ _BROKER_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
 def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
     if not isinstance(maps, list):
         raise WireFormatError(f"task argument must be a list of map messages, received {type(maps).__name__}")
-    backend = self.backend
+    results = ResultStore(self.backend)
     done = failed = 0
     unreadable: list[str] = []
     retry: list[Retry] = []
-    for payload in maps:
-        outcome = pipeline().process(payload)
+    for outcome in pipeline().process_batch(maps):
         if isinstance(outcome, Done):
-            backend.mark_as_done(outcome.result_id, outcome.result)
+            results.succeeded(outcome.result_id, outcome.result)
             done += 1
         elif isinstance(outcome, Failed):
             failed += 1
             if outcome.result_id is None:
                 unreadable.append(str(outcome.error))
             else:
-                backend.mark_as_failure(outcome.result_id, outcome.error)
+                results.failed(outcome.result_id, outcome.error)
         else:
             retry.append(outcome)
     if retry:
@@ -76,7 +76,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
         error = WireFormatError(
             f"{len(unreadable)} of {len(maps)} map messages unreadable; first: {unreadable[0]}"
         )
-        backend.mark_as_failure(str(self.request.id), error)
+        results.failed(str(self.request.id), error)
         log.error("task %s: %s", self.request.id, error)
     return {"maps": len(maps), "done": done, "failed": failed, "retried": len(retry)}
 
@@ -95,5 +95,5 @@ def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry]) -> None:
         return
     for r in retry:
         error = StorageError(f"gave up after {attempt} retries: {r.error}")
-        task.backend.mark_as_failure(r.result_id, error)
+        ResultStore(task.backend).failed(r.result_id, error)
         log.error("map failed for good: %s", error, extra={"result_id": r.result_id})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,20 @@ def test_opening_a_file_store_creates_nothing_until_a_put(
 ) -> None:
     opener()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stored_png_is_readable_by_others_as_any_new_file_is(tmp_path: Path) -> None:
+    stored = FileStorage(tmp_path).put("shared/map.png", PNG)
+    mode = (tmp_path / "shared" / "map.png").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    assert stored.size == len(PNG)
+
+
+def test_a_folder_removed_after_a_first_write_is_made_again(tmp_path: Path) -> None:
+    files = FileStorage(tmp_path)
+    files.put("gone/a.png", PNG)
+    shutil.rmtree(tmp_path / "gone")
+    files.put("gone/b.png", PNG)
+    assert (tmp_path / "gone" / "b.png").read_bytes() == PNG
