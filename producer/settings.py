@@ -13,6 +13,11 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Slack between the end of a message's work and the broker's redelivery of it.
+REDELIVERY_MARGIN_S = 5
+# What a write to a local folder counts for in that reckoning.
+LOCAL_WRITE_S = 1.0
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ACTMAP_", extra="ignore", frozen=True)
@@ -63,9 +68,13 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(6, ge=0, le=9, description="zlib level of the PNG encoder.")
 
     upload_threads: int = Field(4, ge=1, le=64, description="PUTs in flight per worker process.")
-    storage_max_attempts: int = Field(5, ge=1, description="boto3 attempts per PUT (total, first included).")
+    storage_max_attempts: int = Field(
+        3, ge=1, le=10, description="boto3 attempts per PUT (total, first included)."
+    )
+    s3_connect_timeout_s: float = Field(2.0, gt=0, description="boto3 connect timeout per attempt.")
+    s3_read_timeout_s: float = Field(5.0, gt=0, description="boto3 read timeout per attempt.")
     task_max_retries: int = Field(5, ge=0, description="Celery retries of maps whose storage still failed.")
-    retry_backoff_max_s: int = Field(30, ge=1, description="Cap of the exponential backoff between retries.")
+    retry_backoff_max_s: int = Field(20, ge=1, description="Cap of the exponential backoff between retries.")
     visibility_timeout_s: int = Field(
         60,
         ge=5,
@@ -76,15 +85,32 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _retries_wait_less_than_redelivery(self) -> Settings:
-        # A retry waits in a worker, unacknowledged, for its countdown: longer than the
-        # visibility timeout and the broker would hand the same maps to a second worker.
-        if self.retry_backoff_max_s >= self.visibility_timeout_s:
+    def _acknowledged_before_redelivery(self) -> Settings:
+        # The broker hands a message that stays unacknowledged past the visibility timeout to
+        # another worker. A retry waits unacknowledged for its countdown, then renders for at
+        # most its budget, then finishes the PUTs under way: all of it must fit.
+        if self.task_budget_s(retried=True) < 1:
             raise ValueError(
-                f"retry_backoff_max_s ({self.retry_backoff_max_s}) must be less than "
-                f"visibility_timeout_s ({self.visibility_timeout_s})"
+                f"visibility_timeout_s ({self.visibility_timeout_s}) leaves no time to render: it must "
+                f"exceed retry_backoff_max_s ({self.retry_backoff_max_s}) + the longest PUT "
+                f"({self.longest_put_s:g} s from storage_max_attempts and the S3 timeouts) "
+                f"+ {REDELIVERY_MARGIN_S} s by at least 1 s"
             )
         return self
+
+    @property
+    def longest_put_s(self) -> float:
+        """The longest one PUT can take: every attempt timing out, with botocore's backoff between."""
+        if not self.effective_storage_url.startswith("s3://"):
+            return LOCAL_WRITE_S
+        attempts = self.storage_max_attempts
+        backoff = sum(min(20.0, 2.0**k) for k in range(1, attempts))  # botocore standard mode, capped
+        return attempts * (self.s3_connect_timeout_s + self.s3_read_timeout_s) + backoff
+
+    def task_budget_s(self, *, retried: bool) -> float:
+        """How long one task message may go on starting maps, and still be acknowledged in time."""
+        waited = self.retry_backoff_max_s if retried else 0
+        return self.visibility_timeout_s - waited - self.longest_put_s - REDELIVERY_MARGIN_S
 
     @property
     def resolved_home(self) -> Path:

@@ -9,7 +9,7 @@ A map message is a msgpack map with these fields (version 1)::
     dtype     str    "uint8", "float16", "float32" or "float64" (little-endian)
     shape     [int]  [h, w] or [h, w, 1]
     data      bin    the array's raw C-order bytes: h * w * itemsize of them
-    colormap  str    "jet"
+    colormap  str    "jet", "viridis", "inferno", "magma", "plasma", "turbo" or "gray"
     fade      bool   fade_low_activation
 
 A Celery task message carries a list of these as binary strings, so a batch of maps
@@ -34,7 +34,8 @@ from producer.errors import ActmapError, InvalidMapError, WireFormatError
 from producer.keys import validate_image_id, validate_map_name
 
 VERSION = 1
-COLORMAPS: tuple[str, ...] = ("jet",)
+# worker.colormaps.COLORMAP_NAMES, repeated so the producer validates without importing the worker.
+COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray")
 DTYPES: tuple[str, ...] = ("uint8", "float16", "float32", "float64")
 _FIELDS = {"v", "run", "id", "name", "dtype", "shape", "data", "colormap", "fade"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from producer.keys import object_key, result_id
 from producer.results import success_result
 from producer.settings import Settings
 from producer.wire import MapDecodeError, decode_map
+from worker import metrics
 from worker.render import render_png
 from worker.storage import StorageLocation
 
@@ -47,7 +48,14 @@ class Retry:
     error: TransientError
 
 
-Outcome = Done | Failed | Retry
+@dataclass(frozen=True)
+class Postponed:
+    """Not started: the message's time ran out. Sent on in a new message, not a retry."""
+
+    payload: bytes
+
+
+Outcome = Done | Failed | Retry | Postponed
 
 
 @dataclass(frozen=True)
@@ -75,27 +83,34 @@ class Pipeline:
     def __init__(self, settings: Settings, location: StorageLocation, upload_threads: int = 4) -> None:
         self.settings = settings
         self.location = location
+        self._upload_threads = upload_threads
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="actmap-upload")
 
     def process(self, payload: bytes) -> Outcome:
         """One map, start to end."""
         return next(iter(self.process_batch([payload])))
 
-    def process_batch(self, payloads: Iterable[bytes]) -> Iterator[Outcome]:
-        """Each map's outcome, as soon as it is known (not in the order given)."""
+    def process_batch(self, payloads: Iterable[bytes], deadline: float | None = None) -> Iterator[Outcome]:
+        """Each map's outcome, as soon as it is known (not in the order given).
+
+        No map is started after ``deadline`` (``time.monotonic()``): those come back Postponed.
+        """
         pending: set[Future[Outcome]] = set()
         for payload in payloads:
+            # At most upload_threads PUTs under way: a map is started only when one can begin
+            # its PUT, so the deadline bounds the PUTs too, not just the renders.
+            while len(pending) >= self._upload_threads:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (future.result() for future in finished)
+            if deadline is not None and time.monotonic() > deadline:
+                yield Postponed(payload)
+                continue
             rendered = self._render(payload)
             if isinstance(rendered, Failed):
                 yield rendered
             else:
                 pending.add(self._uploads.submit(self._store, rendered))
-            finished = {f for f in pending if f.done()}
-            pending -= finished
-            for future in finished:
-                yield future.result()
-        for future in as_completed(pending):
-            yield future.result()
+        yield from (future.result() for future in as_completed(pending))
 
     def _render(self, payload: bytes) -> _Rendered | Failed:
         started = time.perf_counter()
@@ -121,7 +136,9 @@ class Pipeline:
         except Exception as exc:
             return self._failed(rid, message.image_id, exc)
         height, width = message.array.shape[:2]
-        render_ms = (time.perf_counter() - started) * 1e3
+        render_s = time.perf_counter() - started
+        metrics.STAGE_SECONDS.labels("render").observe(render_s)
+        render_ms = render_s * 1e3
         return _Rendered(rid, payload, message.image_id, message.name, key, png, width, height, render_ms)
 
     def _store(self, map_: _Rendered) -> Outcome:
@@ -134,13 +151,15 @@ class Pipeline:
             return Retry(map_.result_id, map_.payload, exc)
         except Exception as exc:
             return self._failed(map_.result_id, map_.image_id, exc)
+        store_s = time.perf_counter() - started
+        metrics.STAGE_SECONDS.labels("store").observe(store_s)
         log.info(
             "map %r stored at %s (%d bytes, render %.1f ms, store %.1f ms)",
             map_.image_id,
             stored.locator,
             stored.size,
             map_.render_ms,
-            (time.perf_counter() - started) * 1e3,
+            store_s * 1e3,
             extra=fields,
         )
         return Done(

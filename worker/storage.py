@@ -162,8 +162,8 @@ def make_s3_client(settings: Settings) -> S3Client:
 
     config = Config(
         retries={"mode": "standard", "total_max_attempts": settings.storage_max_attempts},
-        connect_timeout=5,
-        read_timeout=10,
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
         signature_version="s3v4",
         s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
     )

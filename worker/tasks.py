@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import time
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_process_shutdown
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.celery_config import TASK_NAME
 from producer.errors import StorageError, WireFormatError
+from worker import metrics
 from worker.app import app, settings
 from worker.backoff import backoff_s
-from worker.pipeline import Done, Failed, Pipeline, Retry
+from worker.pipeline import Done, Failed, Pipeline, Postponed, Retry
 from worker.result_store import ResultStore
 from worker.storage import open_storage
 
 log = logging.getLogger("actmap.worker")
+
+
+@worker_process_shutdown.connect
+def _forget_process_metrics(**_: Any) -> None:
+    metrics.process_exited(os.getpid())
 
 
 @functools.cache
@@ -57,18 +66,36 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
     done = failed = 0
     unreadable: list[str] = []
     retry: list[Retry] = []
-    for outcome in pipeline().process_batch(maps):
-        if isinstance(outcome, Done):
-            results.succeeded(outcome.result_id, outcome.result)
-            done += 1
-        elif isinstance(outcome, Failed):
-            failed += 1
-            if outcome.result_id is None:
-                unreadable.append(str(outcome.error))
+    postponed: list[bytes] = []
+    # Acknowledged before the broker's visibility timeout, or it hands these maps to another worker.
+    deadline = time.monotonic() + settings.task_budget_s(retried=self.request.eta is not None)
+    metrics.IN_FLIGHT.inc(len(maps))
+    try:
+        for outcome in pipeline().process_batch(maps, deadline):
+            metrics.IN_FLIGHT.dec()
+            started = time.perf_counter()
+            if isinstance(outcome, Done):
+                results.succeeded(outcome.result_id, outcome.result)
+                metrics.MAPS.labels("done").inc()
+                done += 1
+            elif isinstance(outcome, Failed):
+                metrics.MAPS.labels("failed").inc()
+                failed += 1
+                if outcome.result_id is None:
+                    unreadable.append(str(outcome.error))
+                else:
+                    results.failed(outcome.result_id, outcome.error)
+            elif isinstance(outcome, Postponed):
+                postponed.append(outcome.payload)
             else:
-                results.failed(outcome.result_id, outcome.error)
-        else:
-            retry.append(outcome)
+                metrics.RETRIES.inc()
+                retry.append(outcome)
+            metrics.STAGE_SECONDS.labels("result").observe(time.perf_counter() - started)
+    finally:
+        metrics.IN_FLIGHT.set(0)
+    if postponed:
+        log.info("out of time for this message: %d map(s) sent on in a new one", len(postponed))
+        self.apply_async(args=(postponed,), retries=self.request.retries)  # type: ignore[call-arg]
     if retry:
         _retry_or_give_up(self, retry)
     if unreadable:
@@ -78,7 +105,13 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
         )
         results.failed(str(self.request.id), error)
         log.error("task %s: %s", self.request.id, error)
-    return {"maps": len(maps), "done": done, "failed": failed, "retried": len(retry)}
+    return {
+        "maps": len(maps),
+        "done": done,
+        "failed": failed,
+        "retried": len(retry),
+        "postponed": len(postponed),
+    }
 
 
 def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry]) -> None:

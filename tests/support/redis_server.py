@@ -1,5 +1,9 @@
 """A private, real `redis-server` for tests: loopback only, free port, own temp dir.
 
+Optionally with a password (`requirepass`) and/or TLS only (no plaintext port): `url()` and `client()`
+then carry the password and the TLS options, so the readiness check and callers authenticate and verify
+the server's certificate.
+
 Never touches the system Redis on 6379. The process is stopped by `stop()`/`kill()`/context exit,
 and as a safety net by a finalizer (also run at interpreter exit) and PR_SET_PDEATHSIG.
 """
@@ -15,6 +19,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+from urllib.parse import quote
 
 import redis
 
@@ -28,8 +33,14 @@ from tests.support.ports import (
     stop_process,
     tail,
 )
+from tests.support.tls import TlsFiles
 
 DEFAULT_BINARY = "/usr/bin/redis-server"
+
+
+def _escape(value: str) -> str:
+    """`value` as the inside of a double-quoted redis.conf string."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 class _State:
@@ -62,6 +73,9 @@ class RedisServer:
     `appendonly=True` turns on AOF with `appendfsync always`, so every acknowledged write is on disk
     and survives `kill()` (SIGKILL) + `start()`. `start()` after `stop()`/`kill()` reuses the same
     port and directory, which is what restart tests need.
+
+    `password` sets `requirepass` (through a private config file, never argv). `tls` starts it TLS-only
+    (`--port 0 --tls-port PORT`, clients not asked for certificates); `port` is then the TLS port.
     """
 
     def __init__(
@@ -71,8 +85,12 @@ class RedisServer:
         binary: str | None = None,
         startup_timeout_s: float = 60.0,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.appendonly = appendonly
+        self.password = password
+        self.tls = tls
         self.binary = binary or shutil.which("redis-server") or DEFAULT_BINARY
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = extra_args
@@ -104,11 +122,19 @@ class RedisServer:
     def running(self) -> bool:
         return self.pid is not None
 
-    def url(self, db: int = 0) -> str:
-        """`redis://127.0.0.1:PORT/DB`."""
+    def url(self, db: int = 0, *, ca_certs: Path | None = None) -> str:
+        """`redis://127.0.0.1:PORT/DB`; `redis://:PASSWORD@…` with a password.
+
+        With TLS: `rediss://127.0.0.1:PORT/DB?ssl_cert_reqs=required&ssl_ca_certs=CA`, the CA being this
+        server's unless `ca_certs` names another (to show that a client without the right CA is refused).
+        """
         if self.port is None:
             raise RuntimeError("RedisServer has not been started")
-        return f"redis://{LOOPBACK}:{self.port}/{db}"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}{LOOPBACK}:{self.port}/{db}"
+        ca = quote(str(ca_certs or self.tls.ca_cert), safe="/")
+        return f"rediss://{auth}{LOOPBACK}:{self.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
 
     def client(self, db: int = 0) -> redis.Redis:
         """A new redis-py client for this server (caller closes it)."""
@@ -118,8 +144,14 @@ class RedisServer:
 
     def _command(self) -> list[str]:
         assert self.port is not None
-        args = [
-            self.binary,
+        args = [self.binary]
+        if self.password is not None:
+            # From a private config file, not argv: a command line is readable by anyone via ps.
+            conf = self.dir / "auth.conf"
+            conf.write_text(f'requirepass "{_escape(self.password)}"\n')
+            conf.chmod(0o600)
+            args.append(str(conf))
+        args += [
             "--port", str(self.port),
             "--bind", LOOPBACK,
             "--protected-mode", "yes",
@@ -134,6 +166,15 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        if self.tls is not None:
+            args[args.index("--port") + 1] = "0"  # no plaintext listener at all
+            args += [
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca_cert),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         return args + list(self.extra_args)
 
     def start(self) -> Self:
@@ -233,4 +274,8 @@ class RedisServer:
 
     def __repr__(self) -> str:
         state = f"port={self.port}, pid={self.pid}, appendonly={self.appendonly}, dir={self._state.dir}"
+        if self.password is not None:
+            state += ", password=***"
+        if self.tls is not None:
+            state += ", tls=True"
         return f"RedisServer({state})"
