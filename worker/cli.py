@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,9 +49,18 @@ def cli(**options: str | None) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option(
+    "--metrics-port",
+    type=int,
+    envvar="ACTMAP_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics (summed over the pool processes) on this port.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(celery_args: tuple[str, ...]) -> None:
+def worker(metrics_port: int | None, celery_args: tuple[str, ...]) -> None:
     """Start a worker. Any other flags go to `celery worker` (e.g. --concurrency 4 -n w1@%h)."""
+    if metrics_port is not None:
+        _serve_metrics(metrics_port)
     from worker.app import app, settings
 
     argv = ["worker", "--queues", settings.queue]
@@ -74,14 +84,14 @@ def submit(paths: tuple[Path, ...], run_id: str | None, colormap: str, fade_low_
     """
     from producer.client import Producer
 
-    with Producer(run_id=run_id) as producer:
-        click.echo(f"run id: {producer.run_id}", err=True)
-        try:
+    try:
+        with Producer(run_id=run_id) as producer:  # leaving it publishes what is buffered
+            click.echo(f"run id: {producer.run_id}", err=True)
             handles = producer.submit_many(
                 _load_maps(paths), colormap=colormap, fade_low_activation=fade_low_activation, progress=True
             )
-        except ActmapError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    except ActmapError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     for handle in handles:
         click.echo(json.dumps({"run_id": handle.run_id, "image_id": handle.image_id, "name": handle.name}))
 
@@ -133,6 +143,46 @@ def demo(count: int, size: int) -> None:
         run_demo(count=count, size=size, echo=click.echo)
     except ActmapError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@cli.command()
+@click.option(
+    "--results",
+    "results_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="What `actmap collect` printed (JSON lines).",
+)
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of the images: <image id>.jpg/.jpeg/.png/.webp.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="gallery.html")
+def gallery(results_path: Path, images: Path, out: Path) -> None:
+    """Write a static HTML page of each image with its map over it (s3:// maps: presigned URLs)."""
+    from worker.gallery import read_results, write_gallery
+
+    try:
+        results = read_results(results_path)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"cannot read {results_path}: {exc}") from exc
+    click.echo(write_gallery(out, results, images))
+
+
+def _serve_metrics(port: int) -> None:
+    from producer.settings import Settings
+
+    # prometheus_client picks its multiprocess mode when first imported: set its folder before
+    # the app, its tasks or worker.metrics import it.
+    folder = Settings().resolved_home / "metrics" / str(os.getpid())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    from worker import metrics
+
+    metrics.serve(port)
 
 
 def _load_maps(paths: tuple[Path, ...]) -> Iterator[tuple[str, Any, str | None]]:

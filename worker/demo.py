@@ -23,6 +23,7 @@ from PIL import Image
 from producer.client import Producer
 from producer.results import MapResult
 from producer.settings import Settings
+from worker.gallery import write_gallery
 
 GRID = 14  # Grad-CAM on VGG16's last conv layer: 14x14 for a 224x224 input
 _OBJECT_COLOURS = np.array(
@@ -85,6 +86,8 @@ def run_demo(*, count: int, size: int, echo: Callable[[str], None]) -> list[MapR
     echo(f"images:   {folder / 'images'}")
     echo(f"overlays: {folder / 'overlays'} (each map over its image, as Kolena shows it)")
     echo(f"worker log: {folder / 'worker.log'}")
+    gallery = write_gallery(folder / "gallery.html", [r.to_dict() for r in results], folder / "images")
+    echo(f"gallery:  {gallery} (open it in a browser)")
     return results
 
 

@@ -2,16 +2,14 @@
 
 Celery's prefork pool runs maps in child processes, so the metrics use prometheus_client's
 multiprocess mode: each process writes its values to files in one folder
-(``PROMETHEUS_MULTIPROC_DIR``, set by ``actmap worker --metrics-port`` before anything is
-imported), and the main process serves their sum. Without that folder the metrics still
-count, per process, and nothing serves them.
+(``PROMETHEUS_MULTIPROC_DIR``, set by ``actmap worker --metrics-port`` before
+prometheus_client is first imported), and the main process serves their sum. Without that
+folder the metrics still count, per process, and nothing serves them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
@@ -26,13 +24,6 @@ STAGE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
 )
 IN_FLIGHT = Gauge("actmap_maps_in_flight", "Maps received and not yet finished.", multiprocess_mode="livesum")
-
-
-def prepare_multiprocess_dir(folder: Path) -> None:
-    """Empty ``folder`` and point prometheus_client at it; call before importing this module's users."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    os.environ[MULTIPROC_ENV] = str(folder)
 
 
 def serve(port: int, address: str = "0.0.0.0") -> None:
