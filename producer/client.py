@@ -149,6 +149,10 @@ class Producer:
             self._app.send_task(
                 TASK_NAME,
                 args=[[compress_map(p, self.settings.wire_compress_level) for p in payloads]],
+                # What Flower and the logs show for the arguments; Celery's own repr of megabytes
+                # of map bytes would cost more than the rest of the publish.
+                argsrepr=f"[<{len(payloads)} map message(s)>]",
+                kwargsrepr="{}",
                 queue=self.settings.queue,
                 ignore_result=True,  # results are per map, stored by the worker under their own ids
                 retry=True,

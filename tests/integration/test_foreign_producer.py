@@ -1,0 +1,121 @@
+"""A producer in another language needs only a Redis client and msgpack: docs/wire-format.md, proven.
+
+Nothing of Celery or of actmap's producer is used to send here; the messages are built from
+the document alone, pushed with plain LPUSH, and the results are read back with plain MGET.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+from PIL import Image
+
+from tests.integration.conftest import Stack
+from tests.support.redis_server import RedisServer
+from worker.render import colorize
+
+
+def map_message(run: str, image_id: str, array: np.ndarray, name: str | None = None) -> bytes:
+    return msgpack.packb(
+        {
+            "v": 1,
+            "run": run,
+            "id": image_id,
+            "name": name,
+            "dtype": array.dtype.name,
+            "shape": list(array.shape),
+            "data": array.astype(array.dtype.newbyteorder("<")).tobytes(),
+            "colormap": "jet",
+            "fade": True,
+        },
+        use_bin_type=True,
+    )
+
+
+def task_envelope(maps: list[bytes], queue: str = "actmap") -> str:
+    task_id = str(uuid.uuid4())
+    body = msgpack.packb(
+        [[maps], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}], use_bin_type=True
+    )
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode("ascii"),
+            "content-encoding": "binary",
+            "content-type": "application/x-msgpack",
+            "headers": {
+                "lang": "py",
+                "task": "actmap.render_maps",
+                "id": task_id,
+                "root_id": task_id,
+                "parent_id": None,
+                "group": None,
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                "timelimit": [None, None],
+                "argsrepr": "maps",
+                "kwargsrepr": "{}",
+                "ignore_result": True,
+            },
+            "properties": {
+                "correlation_id": task_id,
+                "delivery_mode": 2,
+                "delivery_tag": str(uuid.uuid4()),
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+            },
+        }
+    )
+
+
+def result_id(run: str, image_id: str, name: str | None) -> str:
+    return "actmap-" + hashlib.sha256(json.dumps([run, image_id, name]).encode()).hexdigest()[:40]
+
+
+def test_maps_sent_with_only_redis_and_msgpack_are_rendered_and_their_results_read_back(
+    local_stack: Stack, module_redis: RedisServer
+) -> None:
+    # Given maps packed by hand: uint8, float32 and big-endian float64, one zlib-compressed
+    rng = np.random.default_rng(6)
+    run = "foreign-run-1"
+    arrays = {
+        ("cpp/a", None): rng.integers(0, 256, (12, 10), dtype=np.uint8),
+        ("cpp/b", "cls-3"): rng.random((9, 7), dtype=np.float32),
+        ("cpp/c", None): rng.random((5, 6)).astype(">f8"),
+    }
+    messages = [map_message(run, image_id, array, name) for (image_id, name), array in arrays.items()]
+    messages[1] = zlib.compress(messages[1], 6)
+    # When they are pushed onto the queue as the document describes
+    broker = module_redis.client(0)
+    broker.lpush("actmap", task_envelope(messages[:2]))
+    broker.lpush("actmap", task_envelope(messages[2:]))
+    # Then each map's result appears under the documented key, and its PNG is right
+    keys = [f"celery-task-meta-{result_id(run, i, n)}" for i, n in arrays]
+    backend = module_redis.client(1)
+    values: list[bytes | None] = [None]
+    for _ in range(600):  # up to a minute, in polls of 0.1 s
+        values = backend.mget(keys)
+        if all(values):
+            break
+        time.sleep(0.1)
+    assert all(values), f"results missing: {[k for k, v in zip(keys, values, strict=True) if not v]}"
+    for ((image_id, name), array), raw in zip(arrays.items(), values, strict=True):
+        meta = msgpack.unpackb(raw, raw=False)
+        assert meta["status"] == "SUCCESS", meta
+        result = meta["result"]
+        assert (result["image_id"], result["name"]) == (image_id, name)
+        assert result["bitmap_mask"]["data_type"] == "ANNOTATION/BITMAP_MASK"
+        png = Image.open(io.BytesIO(Path(result["locator"].removeprefix("file://")).read_bytes()))
+        np.testing.assert_array_equal(
+            np.asarray(png.convert("RGBA")), colorize(array.astype(array.dtype.newbyteorder("=")))
+        )
