@@ -23,6 +23,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# torch only where a CPU build lies on disk (this machine kind has one): a plain `pip install
+# torch` elsewhere would pull a multi-GB CUDA build. Without it the Grad-CAM example's test skips.
+if compgen -G "${PIP_FIND_LINKS:-/nonexistent}/torch-2.13.0+cpu-*.whl" >/dev/null; then
+    .venv/bin/python -m pip install --quiet torch==2.13.0
+fi
 
 echo "== ruff"
 .venv/bin/ruff check .
