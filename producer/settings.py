@@ -65,7 +65,9 @@ class Settings(BaseSettings):
 
     max_pixels: int = Field(4096 * 4096, ge=1, description="Largest map accepted, in pixels.")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest map message accepted.")
-    png_compress_level: int = Field(6, ge=0, le=9, description="zlib level of the PNG encoder.")
+    png_compress_level: int = Field(
+        1, ge=0, le=9, description="zlib level of the PNG encoder: 1 is the fastest, and small enough."
+    )
 
     upload_threads: int = Field(4, ge=1, le=64, description="PUTs in flight per worker process.")
     storage_max_attempts: int = Field(

@@ -93,6 +93,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
             metrics.STAGE_SECONDS.labels("result").observe(time.perf_counter() - started)
     finally:
         metrics.IN_FLIGHT.set(0)
+        results.flush()  # before the message is acknowledged, when this returns
     if postponed:
         log.info("out of time for this message: %d map(s) sent on in a new one", len(postponed))
         self.apply_async(args=(postponed,), retries=self.request.retries)  # type: ignore[call-arg]

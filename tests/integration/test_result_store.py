@@ -24,7 +24,9 @@ def backend_on(redis_server: RedisServer, expires_s: int = 120) -> Celery:
 
 def test_a_success_is_read_back_as_celery_meta_and_expires(redis_server: RedisServer) -> None:
     app = backend_on(redis_server, expires_s=120)
-    ResultStore(app.backend).succeeded("rid-1", RESULT)
+    store = ResultStore(app.backend)
+    store.succeeded("rid-1", RESULT)
+    store.flush()
     meta = dict(app.backend.get_many(["rid-1"], timeout=5))["rid-1"]
     assert meta["status"] == "SUCCESS" and meta["result"] == RESULT
     assert 0 < redis_server.client(1).ttl("celery-task-meta-rid-1") <= 120
@@ -33,7 +35,7 @@ def test_a_success_is_read_back_as_celery_meta_and_expires(redis_server: RedisSe
 def test_a_failure_of_a_duplicate_run_never_overwrites_a_success(redis_server: RedisServer) -> None:
     app = backend_on(redis_server)
     store = ResultStore(app.backend)
-    store.succeeded("rid-2", RESULT)
+    store.succeeded("rid-2", RESULT)  # gathered, then sent before the failure is
     store.failed("rid-2", StorageError("a late duplicate failed"))
     meta = dict(backend_on(redis_server).backend.get_many(["rid-2"], timeout=5))["rid-2"]
     assert meta["status"] == "SUCCESS"
@@ -44,5 +46,18 @@ def test_a_later_success_replaces_a_failure(redis_server: RedisServer) -> None:
     store = ResultStore(app.backend)
     store.failed("rid-3", InvalidMapError("bad"))
     store.succeeded("rid-3", RESULT)
+    store.flush()
     meta = dict(backend_on(redis_server).backend.get_many(["rid-3"], timeout=5))["rid-3"]
     assert meta["status"] == "SUCCESS"
+
+
+def test_successes_are_gathered_and_sent_together_up_to_the_bound(redis_server: RedisServer) -> None:
+    app = backend_on(redis_server)
+    store = ResultStore(app.backend, flush_every=3, max_delay_s=60)
+    reader = backend_on(redis_server).backend
+    store.succeeded("batch-1", RESULT)
+    store.succeeded("batch-2", RESULT)
+    assert redis_server.client(1).exists("celery-task-meta-batch-1") == 0  # not sent yet
+    store.succeeded("batch-3", RESULT)  # the third fills the batch: all three go
+    metas = dict(reader.get_many(["batch-1", "batch-2", "batch-3"], timeout=5))
+    assert {m["status"] for m in metas.values()} == {"SUCCESS"}
