@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError
@@ -30,6 +31,7 @@ from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
 from producer.intensity import to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
 from producer.publisher import BackgroundPublisher
+from producer.redelivery import UNACKED_KEY, LostMapRedelivery
 from producer.results import MapResult
 from producer.settings import Settings
 from producer.wire import MapMessage, compress_map, encode_map, validate_colormap
@@ -77,6 +79,15 @@ class Producer:
             )
             # A script that never calls close() still gets its maps published on exit.
             atexit.register(self._close_at_exit)
+        self._redelivery: LostMapRedelivery | None = None
+        self._broker_client: redis.Redis | None = None
+        if self.settings.redeliver_lost and self.settings.uses_redis_broker():
+            self._redelivery = LostMapRedelivery(
+                self._send,
+                self._broker_is_idle,
+                max_bytes=self.settings.redeliver_buffer_mb << 20,
+                check_every_s=self.settings.restore_interval_s,
+            )
         self._closed = False
 
     # -- submitting -------------------------------------------------------------------
@@ -141,7 +152,10 @@ class Producer:
         # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
         array = intensities if self.settings.quantize else np.ascontiguousarray(activation_map)
         payload = encode_map(MapMessage(self.run_id, image_id, name, array, colormap, fade))
-        return PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name)), payload
+        pending = PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name))
+        if self._redelivery is not None:
+            self._redelivery.remember(pending.result_id, payload)
+        return pending, payload
 
     def _publish(self, payloads: list[bytes]) -> None:
         timeout = self.settings.publish_timeout_s
@@ -211,9 +225,39 @@ class Producer:
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         # get_many reads all still-pending ids in one MGET per interval.
         backend: Any = self._app.backend  # celery-types does not know get_many
-        yield from backend.get_many(
-            list(ids), timeout=timeout, interval=interval_s, READY_STATES=states.READY_STATES
-        )
+        missing = set(ids)
+        redelivery = self._redelivery
+
+        def between_polls() -> None:
+            if redelivery is not None:
+                redelivery.check(missing)
+
+        for rid, meta in backend.get_many(
+            list(ids),
+            timeout=timeout,
+            interval=interval_s,
+            on_interval=between_polls,
+            READY_STATES=states.READY_STATES,
+        ):
+            missing.discard(rid)
+            if redelivery is not None:
+                redelivery.collected([rid])
+            yield rid, meta
+
+    def _broker_is_idle(self) -> bool:
+        """Whether the Redis broker holds no message of our queue, queued or unacknowledged."""
+        try:
+            if self._broker_client is None:
+                self._broker_client = redis.Redis.from_url(
+                    self.settings.effective_broker_url, socket_timeout=5, socket_connect_timeout=5
+                )
+            pipe = self._broker_client.pipeline(transaction=False)
+            pipe.llen(self.settings.queue)
+            pipe.hlen(UNACKED_KEY)
+            queued, unacked = pipe.execute()
+        except (redis.RedisError, OSError):
+            return False  # cannot tell: do not send anything twice on a guess
+        return bool(queued == 0 and unacked == 0)
 
     def _pending(self, item: CollectItem) -> PendingMap:
         if isinstance(item, PendingMap):
@@ -248,6 +292,8 @@ class Producer:
                 self._publisher.close(self.settings.flush_timeout_s)
         finally:
             self._app.close()
+            if self._broker_client is not None:
+                self._broker_client.close()
 
     def _close_at_exit(self) -> None:
         try:

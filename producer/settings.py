@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     publish_linger_s: float = Field(
         0.02, ge=0, description="How long the publisher waits for more maps to fill a message."
     )
+    redeliver_lost: bool = Field(
+        True, description="Redis broker: collect sends again maps the broker lost (see producer.redelivery)."
+    )
+    redeliver_buffer_mb: int = Field(
+        256, ge=0, description="Packed maps kept for that until their result is collected, in MiB."
+    )
     flush_timeout_s: float = Field(
         60.0, gt=0, description="How long flush and close wait for buffered maps to be published."
     )
@@ -135,6 +141,9 @@ class Settings(BaseSettings):
     def broker_folder(self) -> Path:
         """The filesystem transport's message folder (embedded default only)."""
         return self.resolved_home / "broker"
+
+    def uses_redis_broker(self) -> bool:
+        return self.effective_broker_url.startswith(("redis://", "rediss://"))
 
     def uses_filesystem_broker(self) -> bool:
         return self.effective_broker_url.startswith("filesystem://")

@@ -1,0 +1,87 @@
+"""Sending again the maps a Redis broker lost, while ``collect`` waits for them.
+
+kombu's Redis transport takes a message off the queue (BRPOP) and only afterwards records
+it as unacknowledged; a worker killed in between, or a Redis that restarts without having
+persisted either step, loses the message for good (celery/kombu#305). Nothing on the
+broker side can tell. The producer can: it still has the maps it packed, and it knows which
+results are missing.
+
+A map is sent again only when its result is missing and the broker holds no work at all —
+its queue empty and no message unacknowledged — on two checks at least ``check_every_s``
+apart. Then nothing can still produce that result: a map being rendered, waiting for a
+retry or held by a worker is unacknowledged. Sending again is safe: the same object key,
+the same bytes, and a success is never overwritten.
+
+Payloads are kept until their result is collected, up to ``max_bytes`` (oldest dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("actmap.producer")
+
+# kombu's Redis transport keeps unacknowledged messages in this hash.
+UNACKED_KEY = "unacked"
+
+
+class LostMapRedelivery:
+    def __init__(
+        self,
+        send: Callable[[list[bytes]], None],
+        broker_is_idle: Callable[[], bool],
+        *,
+        max_bytes: int,
+        check_every_s: float,
+    ) -> None:
+        self._send = send
+        self._broker_is_idle = broker_is_idle
+        self._max_bytes = max_bytes
+        self._check_every_s = check_every_s
+        self._payloads: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._last_check = 0.0
+        self._idle_since_check = False
+        self.redelivered = 0
+
+    def remember(self, result_id: str, payload: bytes) -> None:
+        old = self._payloads.pop(result_id, None)
+        if old is not None:
+            self._bytes -= len(old)
+        self._payloads[result_id] = payload
+        self._bytes += len(payload)
+        while self._bytes > self._max_bytes and self._payloads:
+            _, dropped = self._payloads.popitem(last=False)
+            self._bytes -= len(dropped)
+
+    def collected(self, result_ids: Iterable[str]) -> None:
+        for result_id in result_ids:
+            payload = self._payloads.pop(result_id, None)
+            if payload is not None:
+                self._bytes -= len(payload)
+
+    def check(self, missing: Iterable[str]) -> int:
+        """Call while waiting; sends again the missing maps if the broker stayed idle. Returns how many."""
+        now = time.monotonic()
+        if now - self._last_check < self._check_every_s:
+            return 0
+        self._last_check = now
+        idle = self._broker_is_idle()
+        confirmed = idle and self._idle_since_check
+        self._idle_since_check = idle
+        if not confirmed:
+            return 0
+        lost = [(rid, self._payloads[rid]) for rid in missing if rid in self._payloads]
+        if not lost:
+            return 0
+        log.warning(
+            "%d map(s) have no result and the broker holds no work: the broker lost them; sending them again",
+            len(lost),
+        )
+        self._send([payload for _, payload in lost])
+        self.redelivered += len(lost)
+        self._idle_since_check = False  # the broker has work again; look anew before another round
+        return len(lost)

@@ -1,0 +1,472 @@
+"""Worker death mid-run: nothing lost, nothing corrupted.
+
+A 1,000-map run (224x224 float32 maps, 8 maps per Celery message) on Redis, PNGs in a local
+folder, three workers of two pool processes. Pool processes, then whole workers, are SIGKILLed
+while they hold maps; every map must still end up once as an object with exactly the bytes
+``render_png`` makes and once as a success result. Duplicated executions are allowed (at-least-once
+delivery) and counted from the workers' "stored at" log lines; they must be harmless.
+
+What a worker holds is read from the broker itself: kombu's Redis transport keeps each message
+delivered to a worker, until it is acknowledged, in the hash ``unacked``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+
+from producer import CollectTimeoutError, Producer
+from producer.celery_config import TASK_NAME, make_celery
+from producer.keys import result_id
+from producer.results import MapResult
+from producer.wire import decode_map
+from tests.integration.conftest import Stack
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerProcess
+from worker.render import render_png
+
+Report = Callable[..., object]
+
+MAPS = 1000
+SHAPE = (224, 224)
+BATCH_SIZE = 8
+WORKERS = 3
+# Redelivery of a dead worker's maps tuned for a test (defaults: 60 s and 5 s).
+FAST_REDELIVERY = {
+    "ACTMAP_VISIBILITY_TIMEOUT_S": "10",
+    "ACTMAP_RESTORE_INTERVAL_S": "1",
+    "ACTMAP_RETRY_BACKOFF_MAX_S": "3",  # the settings require visibility > backoff + longest write + 5 s
+}
+UNACKED_KEY = "unacked"  # kombu's Redis transport: delivery tag -> message, until acknowledged
+STORED_LINE = re.compile(r"map '([^']+)' stored at ")
+
+
+def cam(index: int) -> np.ndarray:
+    """Map ``index`` of a run: deterministic, so it can be made again to check its PNG."""
+    return np.random.default_rng(index).random(SHAPE, dtype=np.float32)
+
+
+def image_id(scenario: str, index: int) -> str:
+    return f"{scenario}/{index:04d}"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def make_stack(redis_server: RedisServer, root: Path, **settings: str) -> Stack:
+    """Redis broker and results, PNGs under ``root/maps``, 8 maps per message; no worker yet."""
+    return Stack(
+        env={
+            "ACTMAP_HOME": str(root / "home"),
+            "ACTMAP_BROKER_URL": redis_server.url(0),
+            "ACTMAP_RESULT_BACKEND": redis_server.url(1),
+            "ACTMAP_STORAGE_URL": f"file://{root / 'maps'}",
+            "ACTMAP_BATCH_SIZE": str(BATCH_SIZE),
+            **settings,
+        },
+        log_dir=root,
+    )
+
+
+def start_workers(stack: Stack, count: int = WORKERS) -> None:
+    """``count`` workers of two pool processes, started side by side (start-up is mostly waiting)."""
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(lambda _: stack.start_worker(concurrency=2), range(count)))
+
+
+class ResultWatch:
+    """Notes when each map's result first appears in the result backend (one MGET every 0.1 s)."""
+
+    def __init__(self, stack: Stack, redis_server: RedisServer, result_ids: list[str]) -> None:
+        app = make_celery(stack.settings, "result-watch")
+        self._keys = {rid: app.backend.get_key_for_task(rid) for rid in result_ids}
+        app.close()
+        self._client = redis_server.client(1)
+        self.first_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="result-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._look()
+            self._stop.wait(0.1)
+
+    def _look(self) -> None:
+        pending = [rid for rid in self._keys if rid not in self.first_seen]
+        try:
+            values = self._client.mget([self._keys[rid] for rid in pending]) if pending else []
+        except redis.RedisError:
+            values = []  # Redis restarting: look again at the next tick
+        now = time.monotonic()
+        for rid, value in zip(pending, values, strict=False):
+            if value is not None:
+                self.first_seen[rid] = now
+
+    @property
+    def count(self) -> int:
+        return len(self.first_seen)
+
+    def last_seen(self) -> float | None:
+        return max(self.first_seen.values(), default=None)
+
+    def wait_for(self, count: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.count < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.count} of {count} results after {timeout_s:g} s")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._look()  # results collect saw since the last tick
+        self._client.close()
+
+
+def in_flight(broker: redis.Redis) -> dict[str, tuple[str, list[str]]]:
+    """Messages delivered to workers, not yet acknowledged: delivery tag -> task id, its maps' result ids."""
+    held: dict[str, tuple[str, list[str]]] = {}
+    for tag, raw in broker.hgetall(UNACKED_KEY).items():
+        message = json.loads(raw)[0]
+        args = msgpack.unpackb(base64.b64decode(message["body"]), raw=False)[0]
+        maps = [decode_map(m, max_pixels=1 << 24, max_message_bytes=1 << 26) for m in args[0]]
+        held[tag.decode()] = (
+            message["headers"]["id"],
+            [result_id(m.run_id, m.image_id, m.name) for m in maps],
+        )
+    return held
+
+
+def queued(broker: redis.Redis) -> int:
+    """Messages waiting in the queue's lists (one per priority step), not yet taken by any worker."""
+    return sum(broker.llen(key) for key in broker.scan_iter("actmap*") if broker.type(key) == b"list")
+
+
+def task_ids(event: str, log: str) -> set[str]:
+    """Ids of the tasks a worker's log says were 'received' or 'succeeded'."""
+    return set(re.findall(rf"Task {re.escape(TASK_NAME)}\[([0-9a-f-]+)\] {event}", log))
+
+
+def busy(worker: WorkerProcess) -> bool:
+    log = worker.log()
+    return bool(task_ids("received", log) - task_ids("succeeded", log))
+
+
+@dataclass
+class Kill:
+    """One SIGKILL: when, whom, the messages it held, and which of their maps had no result yet."""
+
+    at: float
+    target: str
+    held: dict[str, tuple[str, list[str]]]
+    unfinished: set[str] = field(default_factory=set)
+
+    def recovery_s(self, watch: ResultWatch) -> float | None:
+        """From the kill until every map held and unfinished at the kill has its result."""
+        seen = [watch.first_seen[rid] for rid in self.unfinished if rid in watch.first_seen]
+        if not self.unfinished or len(seen) < len(self.unfinished):
+            return None
+        return max(seen) - self.at
+
+
+@dataclass
+class Outcome:
+    objects: int  # maps whose object exists
+    results: int  # success results
+    failed: int  # error results (not "still pending")
+    lost: int  # maps without a success result
+    lost_with_object: int  # ... of which the object was stored (the result is what went missing)
+    corrupted: int  # an object with other bytes, or a success result that does not describe its object
+    stray_files: list[str]
+    problems: list[str]
+
+
+def check_outcome(scenario: str, results: list[MapResult], maps_root: Path) -> Outcome:
+    """Each object must hold exactly render_png(map); each success result must describe its object."""
+    objects = ok = failed = lost = lost_with_object = corrupted = 0
+    problems: list[str] = []
+    for index, result in enumerate(results):
+        path = maps_root / f"{image_id(scenario, index)}.png"
+        expected = render_png(cam(index))
+        stored = path.read_bytes() if path.exists() else None
+        objects += stored is not None
+        if stored is not None and stored != expected:
+            corrupted += 1
+            problems.append(f"{result.image_id}: object bytes differ from render_png(map)")
+        if not result.ok:
+            lost += 1
+            lost_with_object += stored is not None
+            failed += result.error is not None and result.error.type != "TimeoutError"
+            problems.append(f"{result.image_id}: no success result ({result.error})")
+            continue
+        ok += 1
+        described = (result.locator, result.checksum, result.bytes, result.width, result.height)
+        truth = (path.as_uri(), f"md5:{hashlib.md5(expected).hexdigest()}", len(expected), SHAPE[1], SHAPE[0])
+        if stored is None or described != truth:
+            corrupted += 1
+            problems.append(f"{result.image_id}: success result {described} but object {truth}")
+    expected_files = {f"{image_id(scenario, i)}.png" for i in range(len(results))}
+    present = {p.relative_to(maps_root).as_posix() for p in maps_root.rglob("*") if p.is_file()}
+    stray = sorted(present - expected_files)
+    return Outcome(objects, ok, failed, lost, lost_with_object, corrupted, stray, problems)
+
+
+def executions(logs: str, scenario: str) -> Counter[str]:
+    """How many times each map of the scenario was stored, from the workers' 'stored at' log lines."""
+    return Counter(i for i in STORED_LINE.findall(logs) if i.startswith(f"{scenario}/"))
+
+
+def flush(producer: Producer) -> None:
+    flush_ = getattr(producer, "flush", None)
+    if flush_ is not None:
+        flush_()
+
+
+def run_with_kills(
+    stack: Stack,
+    redis_server: RedisServer,
+    scenario: str,
+    chaos: Callable[[ResultWatch, redis.Redis], list[Kill]],
+    collect_timeout_s: float,
+) -> tuple[list[MapResult], list[Kill], ResultWatch, float]:
+    """Queue the whole run, start the workers on that backlog (so every worker always holds maps), let
+    ``chaos`` (in a thread) kill things meanwhile, and collect every map's result."""
+    ids = [image_id(scenario, i) for i in range(MAPS)]
+    producer = Producer(stack.settings, run_id=f"worker-death-{scenario}")
+    watch = ResultWatch(stack, redis_server, [result_id(producer.run_id, i) for i in ids])
+    broker = redis_server.client(0)
+    kills: list[Kill] = []
+    failure: list[BaseException] = []
+
+    def run_chaos() -> None:
+        try:
+            kills.extend(chaos(watch, broker))
+        except BaseException as exc:  # handed to the test's thread below
+            failure.append(exc)
+
+    chaos_thread = threading.Thread(target=run_chaos, name="chaos")
+    try:
+        producer.submit_many((i, cam(n)) for n, i in enumerate(ids))
+        flush(producer)
+        started = time.monotonic()
+        start_workers(stack)
+        chaos_thread.start()
+        try:
+            results = producer.collect(ids, timeout=collect_timeout_s)
+        except CollectTimeoutError as exc:
+            results = exc.results
+        elapsed = time.monotonic() - started
+    finally:
+        if chaos_thread.ident is not None:
+            chaos_thread.join()
+        watch.close()
+        broker.close()
+        producer.close()
+    if failure:
+        raise failure[0]
+    return results, kills, watch, elapsed
+
+
+def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lands_once(
+    private_redis: RedisServer, tmp_path: Path, report: Report
+) -> None:
+    # Given three workers, and a visibility timeout (600 s) far beyond the collect timeout: a map
+    # can only come back through reject_on_worker_lost, never through the broker's sweep
+    stack = make_stack(private_redis, tmp_path, ACTMAP_VISIBILITY_TIMEOUT_S="600")
+    kill_points = (150, 350, 550, 750)
+
+    def kill_pool_processes(watch: ResultWatch, broker: redis.Redis) -> list[Kill]:
+        kills = []
+        for n, point in enumerate(kill_points):
+            watch.wait_for(point)
+            worker = stack.workers[n % WORKERS]
+            pid = worker.pool_pids()[n % 2]
+            held = in_flight(broker)  # all workers': the killed process's message is among them
+            os.kill(pid, signal.SIGKILL)
+            kill = Kill(time.monotonic(), f"{worker.name} pool pid {pid}", held)
+            kill.unfinished = {rid for _, ids in held.values() for rid in ids} - set(watch.first_seen)
+            kills.append(kill)
+        return kills
+
+    try:
+        # When a pool process is SIGKILLed four times during the run
+        results, kills, watch, elapsed = run_with_kills(
+            stack, private_redis, "pool", kill_pool_processes, collect_timeout_s=120
+        )
+    finally:
+        stack.stop()
+    logs = stack.worker_logs()
+    outcome = check_outcome("pool", results, tmp_path / "maps")
+    runs = executions(logs, "pool")
+    duplicates = sum(runs.values()) - len(runs)
+    interrupted = logs.count("Task handler raised error: WorkerLostError")
+    recoveries = [kill.recovery_s(watch) for kill in kills]
+    print(f"\npool kills: {[k.target for k in kills]}; tasks interrupted (WorkerLostError): {interrupted}")
+    print(f"until every map in flight at a kill had its result (s): {recoveries}")
+    print(f"duplicate executions: {duplicates}; stray files: {outcome.stray_files}")
+    report(
+        scenario="SIGKILL pool process x4 (3 workers x2)",
+        maps=MAPS,
+        faults=len(kills),
+        retries=duplicates,
+        objects=outcome.objects,
+        results=outcome.results,
+        failed=outcome.failed,
+        lost=outcome.lost,
+        corrupted=outcome.corrupted,
+        recovery_s=max((r for r in recoveries if r is not None), default=None),
+        elapsed_s=elapsed,
+    )
+    # Then the kills interrupted tasks (or the scenario tested nothing)
+    assert interrupted >= 1
+    # and every map landed once, with the bytes render_png makes, and has a success result
+    assert outcome.problems == [], outcome.problems[:10]
+    assert (outcome.objects, outcome.results, outcome.stray_files) == (MAPS, MAPS, [])
+    assert set(runs) == {image_id("pool", i) for i in range(MAPS)}
+
+
+def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_and_every_map_lands_once(
+    private_redis: RedisServer, tmp_path: Path, report: Report
+) -> None:
+    # Given three workers, and redelivery tuned for a test: visibility 10 s, a sweep every second
+    stack = make_stack(private_redis, tmp_path, **FAST_REDELIVERY)
+    kill_points = (250, 550)
+
+    def kill_workers(watch: ResultWatch, broker: redis.Redis) -> list[Kill]:
+        kills = []
+        survivors = list(stack.workers)
+        for point in kill_points:
+            watch.wait_for(point)
+            # A worker that holds a task, if one shows up within a second (the queue may run dry).
+            deadline = time.monotonic() + 1.0
+            while not any(busy(w) for w in survivors) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            worker = next((w for w in survivors if busy(w)), survivors[0])
+            survivors.remove(worker)
+            worker.kill()  # main process and pool, SIGKILL; no replacement is started
+            killed_at = time.monotonic()
+            # What it held: unacknowledged, received by it and never finished by it.
+            log = worker.log()
+            held_tasks = task_ids("received", log) - task_ids("succeeded", log)
+            held = {tag: msg for tag, msg in in_flight(broker).items() if msg[0] in held_tasks}
+            kill = Kill(killed_at, worker.name, held)
+            kill.unfinished = {rid for _, ids in held.values() for rid in ids} - set(watch.first_seen)
+            kills.append(kill)
+        return kills
+
+    try:
+        # When one worker, then a second one, is SIGKILLed (main process and pool) during the run
+        results, kills, watch, elapsed = run_with_kills(
+            stack, private_redis, "worker", kill_workers, collect_timeout_s=45
+        )
+    finally:
+        stack.stop()
+    outcome = check_outcome("worker", results, tmp_path / "maps")
+    runs = executions(stack.worker_logs(), "worker")
+    duplicates = sum(runs.values()) - len(runs)
+    recoveries = [kill.recovery_s(watch) for kill in kills]
+    for kill, recovery in zip(kills, recoveries, strict=True):
+        print(
+            f"\n{kill.target} killed holding {len(kill.held)} message(s), {len(kill.unfinished)} map(s) "
+            f"without a result; all had their result {recovery} s after the kill"
+        )
+    print(f"duplicate executions: {duplicates}; stray files: {outcome.stray_files}")
+    print(f"maps without a success result: {[p.split(':')[0] for p in outcome.problems]}")
+    report(
+        scenario="SIGKILL whole worker x2 (of 3, no replacement)",
+        maps=MAPS,
+        faults=len(kills),
+        retries=duplicates,
+        objects=outcome.objects,
+        results=outcome.results,
+        failed=outcome.failed,
+        lost=outcome.lost,
+        corrupted=outcome.corrupted,
+        recovery_s=max((r for r in recoveries if r is not None), default=None),
+        elapsed_s=elapsed,
+    )
+    # Then a killed worker took unfinished maps down with it (or the scenario tested nothing)
+    assert any(kill.unfinished for kill in kills)
+    # and every map landed once, with the bytes render_png makes, and has a success result
+    assert outcome.problems == [], outcome.problems[:10]
+    assert (outcome.objects, outcome.results, outcome.stray_files) == (MAPS, MAPS, [])
+    assert set(runs) == {image_id("worker", i) for i in range(MAPS)}
+
+
+def test_a_worker_killed_after_taking_a_message_before_recording_it_unacknowledged_loses_no_maps(
+    private_redis: RedisServer, tmp_path: Path, report: Report
+) -> None:
+    """The window a whole-worker kill can hit: kombu's Redis transport takes a message with BRPOP
+    (the message leaves the queue) and only then, once the worker's event loop reads the reply,
+    records it in ``unacked``. Freezing the worker (SIGSTOP) while its BRPOP waits opens that window
+    on purpose: a map published then is popped for the frozen worker and is nowhere in Redis."""
+    stack = make_stack(private_redis, tmp_path, **FAST_REDELIVERY)
+    victim = stack.start_worker(concurrency=2)
+    broker = private_redis.client(0)
+    producer = stack.producer(run_id="worker-death-window")
+    ids: list[str] = []
+    try:
+        producer.collect(producer.submit_many([("window/warm-up", cam(0))]), timeout=60)
+        for attempt in range(5):
+            # Given the only worker idle (its BRPOP waits, up to 1 s), frozen
+            time.sleep(0.2)
+            os.kill(victim.process.pid, signal.SIGSTOP)
+            # When a batch of maps is published
+            batch = [(f"window/{attempt}-{i}", cam(i)) for i in range(BATCH_SIZE)]
+            producer.submit_many(batch)
+            flush(producer)
+            time.sleep(0.2)
+            if queued(broker) == 0 and broker.hlen(UNACKED_KEY) == 0:
+                ids = [i for i, _ in batch]
+                break  # popped for the frozen worker: in neither the queue nor unacked
+            # (its BRPOP had timed out: the message waits in the queue; let it be done, try again)
+            os.kill(victim.process.pid, signal.SIGCONT)
+            producer.collect([i for i, _ in batch], timeout=60)
+        assert ids, "could not catch the worker between BRPOP and recording the message"
+        # and the worker dies there; another one starts
+        victim.kill()
+        stack.start_worker(concurrency=2)
+        started = time.monotonic()
+        try:
+            results = producer.collect(ids, timeout=25)  # visibility timeout 10 s, sweep every 1 s
+        except CollectTimeoutError as exc:
+            results = exc.results
+        elapsed = time.monotonic() - started
+    finally:
+        victim.kill()
+        stack.stop()
+        producer.close()
+        broker.close()
+    ok = sum(r.ok for r in results)
+    report(
+        scenario="SIGKILL worker between BRPOP and unacked",
+        maps=len(ids),
+        faults=1,
+        objects=sum((tmp_path / "maps" / f"{i}.png").exists() for i in ids),
+        results=ok,
+        failed=sum(not r.ok and r.error is not None and r.error.type != "TimeoutError" for r in results),
+        lost=len(ids) - ok,
+        elapsed_s=elapsed,
+    )
+    # Then its maps are redelivered anyway, like those of any dead worker
+    assert [r.error for r in results if not r.ok] == []

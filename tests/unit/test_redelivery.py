@@ -1,0 +1,58 @@
+"""When the producer sends maps again: only missing ones, only once the broker is confirmed idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.redelivery import LostMapRedelivery
+
+
+class Broker:
+    def __init__(self) -> None:
+        self.idle = False
+        self.sent: list[list[bytes]] = []
+
+    def send(self, payloads: list[bytes]) -> None:
+        self.sent.append(payloads)
+
+
+def redelivery(broker: Broker, max_bytes: int = 1 << 20) -> LostMapRedelivery:
+    return LostMapRedelivery(broker.send, lambda: broker.idle, max_bytes=max_bytes, check_every_s=0)
+
+
+def test_missing_maps_are_sent_again_only_after_two_idle_checks_in_a_row() -> None:
+    broker = Broker()
+    lost = redelivery(broker)
+    lost.remember("r1", b"map-1")
+    lost.remember("r2", b"map-2")
+    assert lost.check({"r1", "r2"}) == 0  # busy broker: maps may still be on their way
+    broker.idle = True
+    assert lost.check({"r1", "r2"}) == 0  # idle once: could be the instant between pop and record
+    assert lost.check({"r2"}) == 1  # idle twice: nothing can still produce r2's result
+    assert broker.sent == [[b"map-2"]]
+    assert lost.check({"r2"}) == 0  # the broker has work again: look anew first
+    assert lost.redelivered == 1
+
+
+def test_collected_maps_are_forgotten_and_never_sent_again() -> None:
+    broker = Broker()
+    broker.idle = True
+    lost = redelivery(broker)
+    lost.remember("r1", b"map-1")
+    lost.collected(["r1"])
+    lost.check({"r1"})
+    assert lost.check({"r1"}) == 0
+    assert broker.sent == []
+
+
+@pytest.mark.parametrize("sizes", [[400, 400, 400], [1000, 10]])
+def test_payloads_beyond_the_memory_bound_are_dropped_oldest_first(sizes: list[int]) -> None:
+    broker = Broker()
+    broker.idle = True
+    lost = redelivery(broker, max_bytes=1000)
+    for i, size in enumerate(sizes):
+        lost.remember(f"r{i}", bytes(size))
+    lost.check({f"r{i}" for i in range(len(sizes))})
+    lost.check({f"r{i}" for i in range(len(sizes))})
+    assert sum(len(p) for p in broker.sent[0]) <= 1000
+    assert len(broker.sent[0][-1]) == sizes[-1]  # the newest is kept
