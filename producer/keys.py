@@ -34,8 +34,15 @@ _FORBIDDEN_CHARS = frozenset("\\#?%" + NAME_SEPARATOR)
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
+# The usual id (ASCII, segments not starting with a dot, short) passes in one C call; any
+# other goes through the character-by-character checks below, which accept or refuse it.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+
+
 def validate_image_id(image_id: object) -> str:
     """Return ``image_id`` if it can be a key inside the prefix; raise InvalidImageIdError if not."""
+    if type(image_id) is str and len(image_id) <= MAX_SEGMENT_BYTES and _PLAIN_ID.fullmatch(image_id):
+        return image_id
     if not isinstance(image_id, str):
         raise InvalidImageIdError(f"image id must be a str, received {type(image_id).__name__}")
     shown = _shorten(image_id)

@@ -60,7 +60,11 @@ class BackgroundPublisher:
                 )
             self._buffer.append(payload)
             self._accepted += 1
-            self._changed.notify_all()
+            # Wake the publisher only when it has something to do: the first map starts its
+            # linger, a full batch ends it. Waking it on every map would make it contend for
+            # the GIL with the caller's loop 200 times a second for nothing.
+            if len(self._buffer) == 1 or len(self._buffer) >= self._batch_size:
+                self._changed.notify_all()
 
     def flush(self, timeout_s: float | None) -> None:
         """Wait until every map put so far is published; BrokerError if ``timeout_s`` passes first."""

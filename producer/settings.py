@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         10_000, ge=1, description="Maps the background publisher holds before submit blocks."
     )
     publish_linger_s: float = Field(
-        0.02, ge=0, description="How long the publisher waits for more maps to fill a message."
+        0.05, ge=0, description="How long the publisher waits for more maps to fill a message."
     )
     redeliver_lost: bool = Field(
         True, description="Redis broker: collect sends again maps the broker lost (see producer.redelivery)."
