@@ -150,7 +150,7 @@ class Producer:
         intensities = to_intensities(activation_map, max_pixels=self.settings.max_pixels)
         # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
         # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
-        array = intensities if self.settings.quantize else np.ascontiguousarray(activation_map)
+        array = intensities if self.settings.quantize else _host_array(activation_map)
         payload = encode_map(MapMessage(self.run_id, image_id, name, array, colormap, fade))
         pending = PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name))
         if self._redelivery is not None:
@@ -306,6 +306,13 @@ class Producer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _host_array(activation_map: Any) -> np.ndarray:
+    """The map as a contiguous numpy array, copied off its device if it is a torch tensor."""
+    if hasattr(activation_map, "detach") and hasattr(activation_map, "cpu"):
+        activation_map = activation_map.detach().cpu().numpy()
+    return np.ascontiguousarray(activation_map)
 
 
 def _unpack_item(item: Sequence[Any]) -> tuple[str, Any, str | None]:

@@ -1,10 +1,14 @@
 """Validate an activation map and turn it into uint8 intensities, exactly as Kolena quantizes it.
 
-Numpy only: the producer imports this beside a GPU model, the worker before colorizing.
+Numpy only at import: the producer imports this beside a GPU model, the worker before colorizing.
+A torch tensor (CPU or CUDA) is validated and quantized on its own device, so only the uint8
+result crosses to the host; torch is never imported here, only recognised once the caller has
+imported it (``sys.modules``).
 """
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from typing import Any
 
@@ -24,15 +28,16 @@ def to_intensities(activation_map: object, *, max_pixels: int | None = None) -> 
     """Return the map as a C-contiguous (h, w) uint8 array; raise InvalidMapError saying what is wrong.
 
     A contiguous uint8 input is returned without a copy (it may be the caller's array or a view of it).
+    A torch tensor is checked and quantized on its device; only the uint8 result is copied to the host.
     """
+    if type(activation_map) is not np.ndarray and _is_torch_tensor(activation_map):
+        return _tensor_intensities(activation_map, max_pixels)
     array = _as_array(activation_map)
     dtype = array.dtype
     is_uint8 = dtype == np.uint8
     is_float = dtype.kind == "f" and dtype.itemsize in _FLOAT_SIZES
     if not (is_uint8 or is_float):
-        raise InvalidMapError(
-            f"activation map has dtype {dtype}{_origin(activation_map)}; expected {EXPECTED_DTYPES}"
-        )
+        raise InvalidMapError(_dtype_message(dtype, activation_map))
     array = _squeeze(array)
     _check_size(array, max_pixels)
     if is_uint8:
@@ -60,29 +65,38 @@ def _origin(activation_map: object) -> str:
     return f" (converted from {type(activation_map).__name__})"
 
 
+def _dtype_message(dtype: object, activation_map: object) -> str:
+    return f"activation map has dtype {dtype}{_origin(activation_map)}; expected {EXPECTED_DTYPES}"
+
+
 def _squeeze(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    shape = array.shape
     if array.ndim == 2:
         return array
-    if array.ndim == 3:
-        if shape[2] == 1:
-            return array[:, :, 0]
-        raise InvalidMapError(
-            f"activation map has shape {shape}: {shape[2]} channels; expected {EXPECTED_SHAPE}"
-        )
-    dims = "dimension" if array.ndim == 1 else "dimensions"
-    raise InvalidMapError(f"activation map has shape {shape}: {array.ndim} {dims}; expected {EXPECTED_SHAPE}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        return array[:, :, 0]
+    raise InvalidMapError(_shape_message(array.shape))
 
 
-def _check_size(array: npt.NDArray[Any], max_pixels: int | None) -> None:
-    pixels = array.size
+def _shape_message(shape: tuple[int, ...]) -> str:
+    ndim = len(shape)
+    if ndim == 3:
+        return f"activation map has shape {shape}: {shape[2]} channels; expected {EXPECTED_SHAPE}"
+    dims = "dimension" if ndim == 1 else "dimensions"
+    return f"activation map has shape {shape}: {ndim} {dims}; expected {EXPECTED_SHAPE}"
+
+
+def _check_size(array: Any, max_pixels: int | None) -> None:
+    """``array`` is a 2D numpy array or torch tensor."""
+    shape = array.shape
+    if type(shape) is not tuple:  # torch.Size prints as torch.Size([h, w])
+        shape = tuple(shape)
+    pixels = shape[0] * shape[1]
     if pixels == 0:
         raise InvalidMapError(
-            f"activation map is empty: shape {array.shape}, 0 pixels; "
-            f"expected at least 1 pixel, {EXPECTED_SHAPE}"
+            f"activation map is empty: shape {shape}, 0 pixels; expected at least 1 pixel, {EXPECTED_SHAPE}"
         )
     if max_pixels is not None and pixels > max_pixels:
-        height, width = array.shape
+        height, width = shape
         raise InvalidMapError(
             f"activation map has {pixels} pixels ({height} x {width}); "
             f"expected at most {max_pixels} (max_pixels)"
@@ -120,12 +134,63 @@ def _half_intensities() -> npt.NDArray[np.uint8]:
 def _range_message(array: npt.NDArray[np.floating[Any]], low: Any, high: Any) -> str:
     nans = int(np.count_nonzero(np.isnan(array)))
     infs = int(np.count_nonzero(np.isinf(array)))
+    return _range_text(array.dtype, array.size, nans, infs, low, high)
+
+
+def _range_text(dtype: np.dtype[Any], size: int, nans: int, infs: int, low: Any, high: Any) -> str:
     if nans or infs:
         return (
-            f"activation map ({array.dtype}, {array.size} pixels) has {nans} NaN and {infs} infinite values; "
+            f"activation map ({dtype}, {size} pixels) has {nans} NaN and {infs} infinite values; "
             f"expected finite values in [0, 1]"
         )
     return (
-        f"activation map ({array.dtype}) has values from min {low} to max {high}; "
+        f"activation map ({dtype}) has values from min {low} to max {high}; "
         f"expected values in [0, 1] for a float map, or dtype uint8"
     )
+
+
+# -- torch tensors, on their own device ----------------------------------------------------
+
+
+def _is_torch_tensor(activation_map: object) -> bool:
+    # A tensor exists only once its caller imported torch: look it up, never import it.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(activation_map, torch.Tensor)
+
+
+def _tensor_intensities(tensor: Any, max_pixels: int | None) -> npt.NDArray[np.uint8]:
+    """to_intensities for a torch tensor: same checks, same messages, same bits, on the tensor's device.
+
+    A CUDA float32 map crosses to the host as uint8: a quarter of the bytes np.asarray would copy.
+    """
+    torch = sys.modules["torch"]
+    tensor = tensor.detach()
+    numpy_dtypes: dict[Any, np.dtype[Any]] = {
+        torch.uint8: np.dtype(np.uint8),
+        torch.float16: np.dtype(np.float16),
+        torch.float32: np.dtype(np.float32),
+        torch.float64: np.dtype(np.float64),
+    }
+    dtype = numpy_dtypes.get(tensor.dtype)
+    if dtype is None:
+        # The name numpy would give (int64, bool, ...); torch-only dtypes keep torch's name (bfloat16).
+        name = str(tensor.dtype).removeprefix("torch.")
+        raise InvalidMapError(_dtype_message(name, tensor))
+    shape = tuple(int(n) for n in tensor.shape)
+    if len(shape) == 3 and shape[2] == 1:
+        tensor = tensor[:, :, 0]
+    elif len(shape) != 2:
+        raise InvalidMapError(_shape_message(shape))
+    _check_size(tensor, max_pixels)
+    if dtype != np.uint8:
+        # min/max propagate NaN, as numpy's do; one 2-element transfer brings both to the host.
+        bounds = torch.stack((tensor.min(), tensor.max())).cpu().numpy()
+        low, high = bounds[0], bounds[1]
+        if not (low >= 0 and high <= 1):
+            nans = int(torch.isnan(tensor).sum())
+            infs = int(torch.isinf(tensor).sum())
+            raise InvalidMapError(_range_text(dtype, tensor.numel(), nans, infs, low, high))
+        # rint(x * 255) in the tensor's own dtype; torch.round is half-to-even like np.rint.
+        tensor = torch.round(tensor * 255).to(torch.uint8)
+    host: npt.NDArray[np.uint8] = tensor.contiguous().cpu().numpy()
+    return host

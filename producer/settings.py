@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     queue: str = Field("actmap", description="Celery queue the producer publishes to and workers consume.")
     result_expires_s: int = Field(86_400, ge=60, description="How long results stay in the result backend.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Maps per Celery message in submit_many.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Most maps per Celery message the producer sends.")
     quantize: bool = Field(True, description="Send float maps as rint(x*255) uint8: same PNG, 4x smaller.")
     wire_compress_level: int = Field(
         1,

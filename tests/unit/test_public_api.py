@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -43,3 +45,14 @@ def test_float_maps_are_sent_quantized_by_default_a_quarter_of_the_bytes(tmp_pat
     np.testing.assert_array_equal(decoded.array, np.rint(cam * 255).astype(np.uint8))
     assert len(raw) > 3.9 * len(quantized)
     assert decode_map(raw, max_pixels=10**6, max_message_bytes=10**7).array.dtype == np.float32
+
+
+def test_the_readme_settings_table_lists_every_setting_with_its_default_and_meaning() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(ACTMAP_[A-Z0-9_]+)` \| (.*?) \|", readme, re.MULTILINE))
+    assert set(rows) == {f"ACTMAP_{name.upper()}" for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        line = next(line for line in readme.splitlines() if line.startswith(f"| `ACTMAP_{name.upper()}` |"))
+        assert str(field.description) in line, name
+        if field.default is not None and not isinstance(field.default, bool):
+            assert f"`{field.default}`" in line, name
