@@ -43,6 +43,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     if _verifies_by_default(settings.effective_result_backend):
         config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if _uses_amqp_broker(settings):
+        config.update(_amqp_config())
     if settings.uses_filesystem_broker():
         # The filesystem transport has no fan-out exchange: no remote control, no events.
         config["worker_enable_remote_control"] = False
@@ -66,6 +68,31 @@ def make_celery(settings: Settings, main: str) -> Celery:
 def _verifies_by_default(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme == "rediss" and "ssl_cert_reqs" not in parse_qs(parts.query)
+
+
+def _uses_amqp_broker(settings: Settings) -> bool:
+    return settings.effective_broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def _amqp_config() -> dict[str, Any]:
+    """RabbitMQ: a replicated, durable queue and publishes the broker has confirmed.
+
+    A quorum queue keeps its messages on disk (on every replica of a cluster) and gives a dead
+    consumer's unacknowledged messages back at once. It has no global QoS: Celery detects the
+    quorum queue (worker_detect_quorum_queues) and sets the prefetch of 1 per consumer instead.
+    Countdown retries go through Celery's native delayed delivery (celery_delayed_* exchanges
+    and quorum queues, declared by each worker), which needs a topic exchange, not the direct
+    one Celery would make: with a direct exchange a retry would sit in a worker, unacknowledged,
+    until its countdown. Both only apply to a queue declared so: an existing classic "actmap"
+    queue or direct "actmap" exchange must be deleted (or another ACTMAP_QUEUE chosen).
+    """
+    return {
+        "task_default_queue_type": "quorum",
+        "task_default_exchange_type": "topic",
+        "worker_detect_quorum_queues": True,
+        # py-amqp waits for the broker's confirm of each publish: a publish that returned is on disk.
+        "broker_transport_options": {"confirm_publish": True},
+    }
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:

@@ -34,5 +34,10 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy (strict: producer/, worker/)"
 .venv/bin/mypy
+# RabbitMQ for the AMQP broker tests: started if installed and stopped (they skip, loudly, without it).
+if command -v rabbitmqctl >/dev/null 2>&1 && ! rabbitmqctl --quiet status >/dev/null 2>&1; then
+    rabbitmq-server -detached || true
+    rabbitmqctl --quiet await_startup >/dev/null 2>&1 || true
+fi
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

@@ -118,7 +118,8 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
 def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry]) -> None:
     attempt = task.request.retries
     if attempt < settings.task_max_retries:
-        countdown = backoff_s(attempt, cap_s=settings.retry_backoff_max_s)
+        # At least a second: RabbitMQ's delayed delivery counts whole seconds and refuses 0.
+        countdown = max(1.0, backoff_s(attempt, cap_s=settings.retry_backoff_max_s))
         log.info("retrying %d map(s) in %.1f s (retry %d)", len(retry), countdown, attempt + 1)
         task.retry(
             args=([r.payload for r in retry],),

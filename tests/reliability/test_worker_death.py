@@ -226,7 +226,12 @@ def check_outcome(scenario: str, results: list[MapResult], maps_root: Path) -> O
             corrupted += 1
             problems.append(f"{result.image_id}: success result {described} but object {truth}")
     expected_files = {f"{image_id(scenario, i)}.png" for i in range(len(results))}
-    present = {p.relative_to(maps_root).as_posix() for p in maps_root.rglob("*") if p.is_file()}
+    # A write cut short by a kill leaves its hidden temporary file (never the map's own path).
+    present = {
+        p.relative_to(maps_root).as_posix()
+        for p in maps_root.rglob("*")
+        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    }
     stray = sorted(present - expected_files)
     return Outcome(objects, ok, failed, lost, lost_with_object, corrupted, stray, problems)
 
