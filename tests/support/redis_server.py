@@ -76,6 +76,9 @@ class RedisServer:
 
     `password` sets `requirepass` (through a private config file, never argv). `tls` starts it TLS-only
     (`--port 0 --tls-port PORT`, clients not asked for certificates); `port` is then the TLS port.
+
+    `bind` lists the addresses to listen on (default 127.0.0.1 only), e.g. loopback plus the root-namespace
+    ends of veth pairs made by a test; `url()` and `client()` use the first unless `url(host=...)`.
     """
 
     def __init__(
@@ -87,8 +90,12 @@ class RedisServer:
         extra_args: tuple[str, ...] = (),
         password: str | None = None,
         tls: TlsFiles | None = None,
+        bind: tuple[str, ...] = (LOOPBACK,),
     ) -> None:
+        if not bind:
+            raise ValueError("bind needs at least one address")
         self.appendonly = appendonly
+        self.bind = bind
         self.password = password
         self.tls = tls
         self.binary = binary or shutil.which("redis-server") or DEFAULT_BINARY
@@ -122,7 +129,7 @@ class RedisServer:
     def running(self) -> bool:
         return self.pid is not None
 
-    def url(self, db: int = 0, *, ca_certs: Path | None = None) -> str:
+    def url(self, db: int = 0, *, ca_certs: Path | None = None, host: str | None = None) -> str:
         """`redis://127.0.0.1:PORT/DB`; `redis://:PASSWORD@…` with a password.
 
         With TLS: `rediss://127.0.0.1:PORT/DB?ssl_cert_reqs=required&ssl_ca_certs=CA`, the CA being this
@@ -131,10 +138,11 @@ class RedisServer:
         if self.port is None:
             raise RuntimeError("RedisServer has not been started")
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        host = host or self.bind[0]
         if self.tls is None:
-            return f"redis://{auth}{LOOPBACK}:{self.port}/{db}"
+            return f"redis://{auth}{host}:{self.port}/{db}"
         ca = quote(str(ca_certs or self.tls.ca_cert), safe="/")
-        return f"rediss://{auth}{LOOPBACK}:{self.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+        return f"rediss://{auth}{host}:{self.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
 
     def client(self, db: int = 0) -> redis.Redis:
         """A new redis-py client for this server (caller closes it)."""
@@ -153,7 +161,7 @@ class RedisServer:
             args.append(str(conf))
         args += [
             "--port", str(self.port),
-            "--bind", LOOPBACK,
+            "--bind", *self.bind,
             "--protected-mode", "yes",
             "--daemonize", "no",
             "--dir", str(self.dir),

@@ -33,10 +33,14 @@ class WorkerProcess:
         concurrency: int = 2,
         extra_args: tuple[str, ...] = (),
         ready_timeout_s: float = 60.0,
+        prefix: list[str] | None = None,
     ) -> None:
+        """``prefix`` goes before the command, e.g. ``["ip", "netns", "exec", NAME]`` to run it on another
+        network host (it must exec the command in place, so that the process is the worker's)."""
         self.name = f"w{next(_names)}"
         self.log_path = log_dir / f"{self.name}.log"
         self.command = [
+            *(prefix or []),
             sys.executable,
             "-m",
             "worker.cli",
