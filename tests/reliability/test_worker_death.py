@@ -172,6 +172,24 @@ def busy(worker: WorkerProcess) -> bool:
     return bool(task_ids("received", log) - task_ids("succeeded", log))
 
 
+def running_pool_pid(worker: WorkerProcess, fallback: int, wait_s: float = 2.0) -> int:
+    """A pool process of ``worker`` caught running (rendering a map), so the kill interrupts a task.
+
+    A pool process between tasks sleeps waiting for the next one; killing it then would test
+    nothing. Its state in /proc tells: R while it works.
+    """
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for pid in worker.pool_pids():
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == "R":
+                return pid
+    return worker.pool_pids()[fallback]
+
+
 @dataclass
 class Kill:
     """One SIGKILL: when, whom, the messages it held, and which of their maps had no result yet."""
@@ -305,7 +323,7 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
         for n, point in enumerate(kill_points):
             watch.wait_for(point)
             worker = stack.workers[n % WORKERS]
-            pid = worker.pool_pids()[n % 2]
+            pid = running_pool_pid(worker, fallback=n % 2)
             held = in_flight(broker)  # all workers': the killed process's message is among them
             os.kill(pid, signal.SIGKILL)
             kill = Kill(time.monotonic(), f"{worker.name} pool pid {pid}", held)
