@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from producer.celery_config import TASK_NAME, make_celery
 from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
-from producer.intensity import to_intensities
+from producer.intensity import is_torch_tensor, to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
 from producer.publisher import BackgroundPublisher
 from producer.redelivery import UNACKED_KEY, LostMapRedelivery
@@ -310,7 +310,7 @@ class Producer:
 
 def _host_array(activation_map: Any) -> np.ndarray:
     """The map as a contiguous numpy array, copied off its device if it is a torch tensor."""
-    if hasattr(activation_map, "detach") and hasattr(activation_map, "cpu"):
+    if is_torch_tensor(activation_map):
         activation_map = activation_map.detach().cpu().numpy()
     return np.ascontiguousarray(activation_map)
 

@@ -30,7 +30,7 @@ def to_intensities(activation_map: object, *, max_pixels: int | None = None) -> 
     A contiguous uint8 input is returned without a copy (it may be the caller's array or a view of it).
     A torch tensor is checked and quantized on its device; only the uint8 result is copied to the host.
     """
-    if type(activation_map) is not np.ndarray and _is_torch_tensor(activation_map):
+    if type(activation_map) is not np.ndarray and is_torch_tensor(activation_map):
         return _tensor_intensities(activation_map, max_pixels)
     array = _as_array(activation_map)
     dtype = array.dtype
@@ -152,7 +152,7 @@ def _range_text(dtype: np.dtype[Any], size: int, nans: int, infs: int, low: Any,
 # -- torch tensors, on their own device ----------------------------------------------------
 
 
-def _is_torch_tensor(activation_map: object) -> bool:
+def is_torch_tensor(activation_map: object) -> bool:
     # A tensor exists only once its caller imported torch: look it up, never import it.
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(activation_map, torch.Tensor)

@@ -98,7 +98,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
         log.info("out of time for this message: %d map(s) sent on in a new one", len(postponed))
         self.apply_async(args=(postponed,), retries=self.request.retries)  # type: ignore[call-arg]
     if retry:
-        _retry_or_give_up(self, retry)
+        _retry_or_give_up(self, retry, results)
     if unreadable:
         # No map id to report under: record it under the task's own id, and say so in the log.
         error = WireFormatError(
@@ -115,7 +115,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
     }
 
 
-def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry]) -> None:
+def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry], results: ResultStore) -> None:
     attempt = task.request.retries
     if attempt < settings.task_max_retries:
         # At least a second: RabbitMQ's delayed delivery counts whole seconds and refuses 0.
@@ -130,5 +130,5 @@ def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry]) -> None:
         return
     for r in retry:
         error = StorageError(f"gave up after {attempt} retries: {r.error}")
-        ResultStore(task.backend).failed(r.result_id, error)
+        results.failed(r.result_id, error)
         log.error("map failed for good: %s", error, extra={"result_id": r.result_id})
