@@ -33,6 +33,7 @@ from tests.reliability.test_worker_death import (
     executions,
     image_id,
     make_stack,
+    report_outcome,
     start_workers,
 )
 from tests.support.redis_server import RedisServer
@@ -209,17 +210,14 @@ def test_workers_reconnect_after_a_redis_restart_with_aof_and_every_map_lands_on
     duplicates = sum(runs.values()) - len(runs)
     describe(run, outcome, duplicates)
     last = run.watch.last_seen()
-    report(
-        scenario=f"Redis AOF {'SIGKILL' if crash else 'stop'} + start, "
+    report_outcome(
+        report,
+        f"Redis AOF {'SIGKILL' if crash else 'stop'} + start, "
         f"{'background publish' if background_publish == 'true' else 'sync submit'}",
+        outcome,
         maps=MAPS,
         faults=1,
         retries=run.broker_errors + run.publisher_retries,
-        objects=outcome.objects,
-        results=outcome.results,
-        failed=outcome.failed,
-        lost=outcome.lost,
-        corrupted=outcome.corrupted,
         recovery_s=None if last is None else last - run.restart.up_at,
         elapsed_s=run.elapsed_s,
     )
@@ -251,16 +249,13 @@ def test_without_persistence_a_redis_restart_forgets_maps_and_results_and_the_pr
     duplicates = sum(runs.values()) - len(runs)
     describe(run, outcome, duplicates)
     last = run.watch.last_seen()
-    report(
-        scenario="Redis in-memory SIGKILL + start (producer resends)",
+    report_outcome(
+        report,
+        "Redis in-memory SIGKILL + start (producer resends)",
+        outcome,
         maps=MAPS,
         faults=1,
         retries=run.broker_errors + run.publisher_retries,
-        objects=outcome.objects,
-        results=outcome.results,
-        failed=outcome.failed,
-        lost=outcome.lost,
-        corrupted=outcome.corrupted,
         recovery_s=None if last is None else last - run.restart.up_at,
         elapsed_s=run.elapsed_s,
     )

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -24,7 +25,7 @@ import pytest
 from producer import CollectTimeoutError, MapResult
 from producer.keys import object_key
 from tests.integration.conftest import Stack
-from tests.support.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy, ProxyStats
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedS3
 from worker.render import render_png
@@ -124,6 +125,31 @@ class Audit:
     stray: int = 0  # objects under no expected key
 
 
+class FaultRun(NamedTuple):
+    expected: dict[str, bytes]  # image id -> the PNG render_png makes
+    results: list[MapResult]
+    elapsed_s: float
+    stats: ProxyStats  # taken as the last result arrived
+    objects: dict[str, tuple[bytes, str]]
+    figures: Audit
+
+
+def submit_and_audit(
+    fs: FaultStack, s3_server: SeaweedS3, maps: dict[str, np.ndarray], timeout: float
+) -> FaultRun:
+    """Submit ``maps`` in one run, collect them, and audit the bucket against render_png."""
+    expected = {image_id: render_png(cam) for image_id, cam in maps.items()}
+    started = time.monotonic()
+    with fs.stack.producer() as producer:
+        producer.submit_many(maps.items())
+        run_id = producer.run_id
+    results = collect_all(fs.stack, run_id, list(maps), timeout=timeout)
+    elapsed = time.monotonic() - started
+    stats = fs.proxy.stats()
+    objects = stored_objects(s3_server, fs.bucket)
+    return FaultRun(expected, results, elapsed, stats, objects, audit(results, expected, objects, fs.bucket))
+
+
 def audit(
     results: list[MapResult], expected: dict[str, bytes], objects: dict[str, tuple[bytes, str]], bucket: str
 ) -> Audit:
@@ -170,17 +196,8 @@ def test_with_30_percent_of_s3_requests_faulted_every_map_is_stored_once_byte_fo
     ) as fs:
         rng = np.random.default_rng(500)
         maps = {f"fault/{i:03d}": smooth_map(rng) for i in range(500)}
-        expected = {image_id: render_png(cam) for image_id, cam in maps.items()}
         # When 500 maps are submitted and collected
-        started = time.monotonic()
-        with fs.stack.producer() as producer:
-            producer.submit_many(maps.items())
-            run_id = producer.run_id
-        results = collect_all(fs.stack, run_id, list(maps), timeout=200)
-        elapsed = time.monotonic() - started
-        stats = proxy.stats()
-        objects = stored_objects(s3_server, fs.bucket)
-        figures = audit(results, expected, objects, fs.bucket)
+        _, results, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=200)
         map_retries = log_count(fs.stack, r"will be retried")
         task_retries = log_count(fs.stack, r"retrying \d+ map\(s\)")
     report(
@@ -235,18 +252,8 @@ def test_with_every_s3_request_faulted_each_map_fails_naming_the_cause_and_the_w
     ) as fs:
         rng = np.random.default_rng(100)
         maps = {f"down/{i:02d}": smooth_map(rng) for i in range(12)}
-        expected = {image_id: render_png(cam) for image_id, cam in maps.items()}
-        # When maps are submitted
-        started = time.monotonic()
-        with fs.stack.producer() as producer:
-            producer.submit_many(maps.items())
-            run_id = producer.run_id
-        # Then each ends failed, within the collect timeout
-        results = collect_all(fs.stack, run_id, list(maps), timeout=150)
-        elapsed = time.monotonic() - started
-        stats = proxy.stats()
-        objects = stored_objects(s3_server, fs.bucket)
-        figures = audit(results, expected, objects, fs.bucket)
+        # When maps are submitted, then each ends failed, within the collect timeout
+        _, results, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=150)
         rounds = log_count(fs.stack, r"will be retried")
         # And when S3 is healthy again, the same worker stores a new map
         proxy.fault_rate = 0.0
@@ -302,17 +309,10 @@ def test_a_bit_flipped_upload_is_refused_with_bad_digest_and_never_stored_and_a_
     ) as fs:
         rng = np.random.default_rng(7)
         maps = {f"flip/{i}": smooth_map(rng) for i in range(4)}
-        expected = {image_id: render_png(cam) for image_id, cam in maps.items()}
         # When maps are submitted
-        started = time.monotonic()
-        with fs.stack.producer() as producer:
-            producer.submit_many(maps.items())
-            run_id = producer.run_id
-        results = collect_all(fs.stack, run_id, list(maps), timeout=60)
-        elapsed = time.monotonic() - started
-        flipped = proxy.stats()
-        objects = stored_objects(s3_server, fs.bucket)
-        figures = audit(results, expected, objects, fs.bucket)
+        expected, results, elapsed, flipped, objects, figures = submit_and_audit(
+            fs, s3_server, maps, timeout=60
+        )
         # And then submitted again (a new run) once the corruption stops
         proxy.fault_rate = 0.0
         healed = time.monotonic()
@@ -385,16 +385,7 @@ def test_a_batch_slowed_by_s3_throttling_is_processed_once_not_again_by_a_second
     ) as fs:
         rng = np.random.default_rng(11)
         maps = {f"slow/{i}": smooth_map(rng) for i in range(40)}
-        expected = {image_id: render_png(cam) for image_id, cam in maps.items()}
-        started = time.monotonic()
-        with fs.stack.producer() as producer:
-            producer.submit_many(maps.items())
-            run_id = producer.run_id
-        results = collect_all(fs.stack, run_id, list(maps), timeout=120)
-        elapsed = time.monotonic() - started
-        stats = proxy.stats()
-        objects = stored_objects(s3_server, fs.bucket)
-        figures = audit(results, expected, objects, fs.bucket)
+        _, _, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=120)
         for worker in fs.stack.workers:
             worker.kill()  # a duplicate may still be backing off; a warm shutdown would wait for it
     report(

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from tests.reliability.test_worker_death import (
     FAST_REDELIVERY,
     STORED_LINE,
     Kill,
+    Report,
     ResultWatch,
     busy,
     cam,
@@ -41,14 +42,13 @@ from tests.reliability.test_worker_death import (
     image_id,
     in_flight,
     make_stack,
+    report_outcome,
     task_ids,
 )
 from tests.support.netns import Host, Hosts, unavailable_reason
 from tests.support.ports import LOOPBACK
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
-
-Report = Callable[..., object]
 
 HOSTS = 3
 MAPS = 600
@@ -167,16 +167,13 @@ def test_workers_on_three_hosts_share_the_work_and_a_host_cut_off_mid_run_loses_
     stored_after = len(set(stored_by(cut_worker))) - stored_before[cut_worker.name]
     print(f"maps the cut-off worker stored after the cut (stored again by others): {stored_after}")
     print(f"duplicate executions: {duplicates}; stray files: {outcome.stray_files}; elapsed {elapsed:.1f} s")
-    report(
-        scenario="host cut off (netns)",
+    report_outcome(
+        report,
+        "host cut off (netns)",
+        outcome,
         maps=MAPS,
         faults=1,
         retries=duplicates,
-        objects=outcome.objects,
-        results=outcome.results,
-        failed=outcome.failed,
-        lost=outcome.lost,
-        corrupted=outcome.corrupted,
         recovery_s=recovery,
         elapsed_s=elapsed,
     )

@@ -44,6 +44,9 @@ from worker.render import render_png
 Report = Callable[..., object]
 
 MAPS = 1000
+# Pool-process kills must land inside tasks, which last a few milliseconds: a longer run gives them
+# room (1,000 maps take ~3 s on an idle machine, done before the later kill points come round).
+POOL_MAPS = 4000
 SHAPE = (224, 224)
 BATCH_SIZE = 8
 WORKERS = 3
@@ -172,6 +175,18 @@ def busy(worker: WorkerProcess) -> bool:
     return bool(task_ids("received", log) - task_ids("succeeded", log))
 
 
+WORKER_LOST = "Task handler raised error: WorkerLostError"
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def running_pool_pid(worker: WorkerProcess, fallback: int, wait_s: float = 2.0) -> int:
     """A pool process of ``worker`` caught running (rendering a map), so the kill interrupts a task.
 
@@ -217,6 +232,33 @@ class Outcome:
     corrupted: int  # an object with other bytes, or a success result that does not describe its object
     stray_files: list[str]
     problems: list[str]
+
+
+def report_outcome(
+    report: Report,
+    scenario: str,
+    outcome: Outcome,
+    *,
+    maps: int,
+    faults: int,
+    retries: int,
+    recovery_s: float | None,
+    elapsed_s: float,
+) -> None:
+    """Add a scenario's row to the reliability table, its counts taken from ``outcome``."""
+    report(
+        scenario=scenario,
+        maps=maps,
+        faults=faults,
+        retries=retries,
+        objects=outcome.objects,
+        results=outcome.results,
+        failed=outcome.failed,
+        lost=outcome.lost,
+        corrupted=outcome.corrupted,
+        recovery_s=recovery_s,
+        elapsed_s=elapsed_s,
+    )
 
 
 def check_outcome(scenario: str, results: list[MapResult], maps_root: Path) -> Outcome:
@@ -271,10 +313,14 @@ def run_with_kills(
     scenario: str,
     chaos: Callable[[ResultWatch, redis.Redis], list[Kill]],
     collect_timeout_s: float,
+    maps: int = MAPS,
 ) -> tuple[list[MapResult], list[Kill], ResultWatch, float]:
-    """Queue the whole run, start the workers on that backlog (so every worker always holds maps), let
-    ``chaos`` (in a thread) kill things meanwhile, and collect every map's result."""
-    ids = [image_id(scenario, i) for i in range(MAPS)]
+    """Start the workers, queue the whole run (so every worker always holds maps), let ``chaos`` (in a
+    thread) kill things meanwhile, and collect every map's result.
+
+    The workers start first: one that became ready before the others could otherwise drain the
+    whole backlog (1,000 maps take a few seconds) before any kill."""
+    ids = [image_id(scenario, i) for i in range(maps)]
     producer = Producer(stack.settings, run_id=f"worker-death-{scenario}")
     watch = ResultWatch(stack, redis_server, [result_id(producer.run_id, i) for i in ids])
     broker = redis_server.client(0)
@@ -289,11 +335,11 @@ def run_with_kills(
 
     chaos_thread = threading.Thread(target=run_chaos, name="chaos")
     try:
+        start_workers(stack)
+        started = time.monotonic()
+        chaos_thread.start()  # kill points count results, so it waits for the maps to flow
         producer.submit_many((i, cam(n)) for n, i in enumerate(ids))
         flush(producer)
-        started = time.monotonic()
-        start_workers(stack)
-        chaos_thread.start()
         try:
             results = producer.collect(ids, timeout=collect_timeout_s)
         except CollectTimeoutError as exc:
@@ -316,25 +362,31 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
     # Given three workers, and a visibility timeout (600 s) far beyond the collect timeout: a map
     # can only come back through reject_on_worker_lost, never through the broker's sweep
     stack = make_stack(private_redis, tmp_path, ACTMAP_VISIBILITY_TIMEOUT_S="600")
-    kill_points = (150, 350, 550, 750)
+    kill_points = (600, 1400, 2200, 3000)
 
     def kill_pool_processes(watch: ResultWatch, broker: redis.Redis) -> list[Kill]:
         kills = []
         for n, point in enumerate(kill_points):
             watch.wait_for(point)
             worker = stack.workers[n % WORKERS]
-            pid = running_pool_pid(worker, fallback=n % 2)
-            held = in_flight(broker)  # all workers': the killed process's message is among them
-            os.kill(pid, signal.SIGKILL)
-            kill = Kill(time.monotonic(), f"{worker.name} pool pid {pid}", held)
-            kill.unfinished = {rid for _, ids in held.values() for rid in ids} - set(watch.first_seen)
-            kills.append(kill)
+            # A kill that lands between two tasks interrupts nothing: kill again, up to 5 times,
+            # until the worker reports a task lost with its process.
+            for _ in range(5):
+                lost_before = worker.log().count(WORKER_LOST)
+                pid = running_pool_pid(worker, fallback=n % 2)
+                held = in_flight(broker)  # all workers': the killed process's message is among them
+                os.kill(pid, signal.SIGKILL)
+                kill = Kill(time.monotonic(), f"{worker.name} pool pid {pid}", held)
+                kill.unfinished = {rid for _, ids in held.values() for rid in ids} - set(watch.first_seen)
+                kills.append(kill)
+                if wait_until(lambda w=worker, b=lost_before: w.log().count(WORKER_LOST) > b, timeout_s=2.0):
+                    break
         return kills
 
     try:
-        # When a pool process is SIGKILLed four times during the run
+        # When a pool process is SIGKILLed at four points of the run
         results, kills, watch, elapsed = run_with_kills(
-            stack, private_redis, "pool", kill_pool_processes, collect_timeout_s=120
+            stack, private_redis, "pool", kill_pool_processes, collect_timeout_s=120, maps=POOL_MAPS
         )
     finally:
         stack.stop()
@@ -342,21 +394,18 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
     outcome = check_outcome("pool", results, tmp_path / "maps")
     runs = executions(logs, "pool")
     duplicates = sum(runs.values()) - len(runs)
-    interrupted = logs.count("Task handler raised error: WorkerLostError")
+    interrupted = logs.count(WORKER_LOST)
     recoveries = [kill.recovery_s(watch) for kill in kills]
     print(f"\npool kills: {[k.target for k in kills]}; tasks interrupted (WorkerLostError): {interrupted}")
     print(f"until every map in flight at a kill had its result (s): {recoveries}")
     print(f"duplicate executions: {duplicates}; stray files: {outcome.stray_files}")
-    report(
-        scenario="SIGKILL pool process x4 (3 workers x2)",
-        maps=MAPS,
+    report_outcome(
+        report,
+        "SIGKILL pool processes at 4 points (3 workers x2)",
+        outcome,
+        maps=POOL_MAPS,
         faults=len(kills),
         retries=duplicates,
-        objects=outcome.objects,
-        results=outcome.results,
-        failed=outcome.failed,
-        lost=outcome.lost,
-        corrupted=outcome.corrupted,
         recovery_s=max((r for r in recoveries if r is not None), default=None),
         elapsed_s=elapsed,
     )
@@ -364,8 +413,8 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
     assert interrupted >= 1
     # and every map landed once, with the bytes render_png makes, and has a success result
     assert outcome.problems == [], outcome.problems[:10]
-    assert (outcome.objects, outcome.results, outcome.stray_files) == (MAPS, MAPS, [])
-    assert set(runs) == {image_id("pool", i) for i in range(MAPS)}
+    assert (outcome.objects, outcome.results, outcome.stray_files) == (POOL_MAPS, POOL_MAPS, [])
+    assert set(runs) == {image_id("pool", i) for i in range(POOL_MAPS)}
 
 
 def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_and_every_map_lands_once(
@@ -415,16 +464,13 @@ def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_an
         )
     print(f"duplicate executions: {duplicates}; stray files: {outcome.stray_files}")
     print(f"maps without a success result: {[p.split(':')[0] for p in outcome.problems]}")
-    report(
-        scenario="SIGKILL whole worker x2 (of 3, no replacement)",
+    report_outcome(
+        report,
+        "SIGKILL whole worker x2 (of 3, no replacement)",
+        outcome,
         maps=MAPS,
         faults=len(kills),
         retries=duplicates,
-        objects=outcome.objects,
-        results=outcome.results,
-        failed=outcome.failed,
-        lost=outcome.lost,
-        corrupted=outcome.corrupted,
         recovery_s=max((r for r in recoveries if r is not None), default=None),
         elapsed_s=elapsed,
     )
