@@ -202,7 +202,12 @@ def running_pool_pid(worker: WorkerProcess, fallback: int, wait_s: float = 2.0) 
                 continue
             if state == "R":
                 return pid
-    return worker.pool_pids()[fallback]
+    # None caught running; a pool just killed may be down a process until Celery replaces it
+    pids = worker.pool_pids()
+    while not pids:
+        time.sleep(0.05)
+        pids = worker.pool_pids()
+    return pids[fallback % len(pids)]
 
 
 @dataclass
