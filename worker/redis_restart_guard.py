@@ -1,17 +1,27 @@
 """Keep a worker alive when Redis restarts under it (kombu 5.7's Redis transport).
 
-When the connection drops, Celery closes the channel, and kombu then tries to hand the
-worker's unacknowledged messages straight back to the queue — over the connection that is
-gone. That raises (``'NoneType' object has no attribute 'hostname'``), Celery's handler does
-not expect it, and the worker exits. Nothing needs handing back at that moment: those
-messages are still recorded as unacknowledged in Redis, and the visibility sweep of the
-reconnected workers redelivers them. So the failed hand-back is logged and left to the sweep.
+When the connection drops, Celery closes the channel, and with it the channel's hold on the
+messages it delivered. Two things then reach kombu over the connection that is gone, and each
+raises where Celery's handler does not expect it, so the worker exits:
+
+* At once, kombu tries to hand the worker's unacknowledged messages straight back to the
+  queue (``'NoneType' object has no attribute 'hostname'``).
+* Later, a task that was running meanwhile finishes, and its message is acknowledged (or
+  rejected) on the closed channel (``'NoneType' object has no attribute 'client'``).
+  ``Message.ack_log_error`` only catches connection and channel errors.
+
+Neither needs doing at that moment: those messages are still recorded as unacknowledged in
+Redis, and the visibility sweep of the reconnected workers redelivers them (a finished task's
+maps are then written again: same keys, same bytes, and a success result is never overwritten
+by a failure). So the failed hand-back, acknowledgement or rejection is logged and left to the
+sweep.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,13 +30,24 @@ log = logging.getLogger("actmap.worker")
 
 
 def install() -> None:
+    """Wrap kombu's Redis QoS; calling it again changes nothing."""
     from kombu.transport import redis as transport
 
-    original = transport.QoS.restore_unacked
+    _wrap(transport.QoS, "restore_unacked", _guard_restore_unacked)
+    _wrap(transport.QoS, "ack", _guard_settle("acknowledged"))
+    _wrap(transport.QoS, "reject", _guard_settle("rejected"))
+
+
+def _wrap(cls: Any, name: str, guard: Callable[[Any], Any]) -> None:
+    original = getattr(cls, name)
     if getattr(original, "actmap_guarded", False):
         return
+    guarded = functools.wraps(original)(guard(original))
+    guarded.actmap_guarded = True  # type: ignore[attr-defined]
+    setattr(cls, name, guarded)
 
-    @functools.wraps(original)
+
+def _guard_restore_unacked(original: Any) -> Callable[..., None]:
     def restore_unacked(self: Any, client: Any = None) -> None:
         try:
             original(self, client)
@@ -40,5 +61,32 @@ def install() -> None:
             )
             self._delivered.clear()
 
-    restore_unacked.actmap_guarded = True  # type: ignore[attr-defined]
-    transport.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    return restore_unacked
+
+
+def _guard_settle(done: str) -> Callable[[Any], Callable[..., None]]:
+    """A guard for ``ack`` or ``reject`` (``done``: what the message would have been)."""
+
+    def guard(original: Any) -> Callable[..., None]:
+        def settle(self: Any, delivery_tag: str, *args: Any, **kwargs: Any) -> None:
+            try:
+                original(self, delivery_tag, *args, **kwargs)
+            except AttributeError:
+                # Only the closed channel's: kombu sets its connection to None on close. Anything
+                # else is not ours to hide.
+                if self.channel.connection is not None:
+                    raise
+                log.warning(
+                    "message %s could not be %s: its connection closed when Redis went away; "
+                    "the visibility sweep will redeliver it (its maps are then written again, "
+                    "same bytes)",
+                    delivery_tag,
+                    done,
+                )
+                # What the base QoS would have dropped: nothing else will, on a closed channel.
+                self._delivered.pop(delivery_tag, None)
+                self._dirty.discard(delivery_tag)
+
+        return settle
+
+    return guard
