@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import redis
 from celery import states
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from producer.intensity import is_torch_tensor, to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
 from producer.publisher import BackgroundPublisher
 from producer.redelivery import UNACKED_KEY, LostMapRedelivery
+from producer.result_poller import poll_results
 from producer.results import MapResult
 from producer.settings import Settings
 from producer.wire import MapMessage, compress_map, encode_map, validate_colormap
@@ -203,13 +203,13 @@ class Producer:
         wanted = [self._pending(item) for item in maps]
         self.flush(timeout)  # a map still in the buffer has no result to wait for
         found: dict[str, dict[str, Any]] = {}
-        ids = {p.result_id for p in wanted}
+        ids = list(dict.fromkeys(p.result_id for p in wanted))  # submission order, each once
         try:
             with tqdm(total=len(ids), desc="collect", unit="map", disable=not progress) as bar:
                 for rid, meta in self._poll(ids, timeout, poll_interval_s):
                     found[rid] = meta
                     bar.update(1)
-        except (TimeoutError, CeleryTimeoutError):
+        except TimeoutError:
             pending = len(ids) - len(found)
             error = CollectTimeoutError(
                 f"{pending} of {len(ids)} map results still pending after {timeout:g} s (run {self.run_id})",
@@ -221,25 +221,17 @@ class Producer:
         return [_to_result(p, found[p.result_id]) for p in wanted]
 
     def _poll(
-        self, ids: set[str], timeout: float | None, interval_s: float
+        self, ids: list[str], timeout: float | None, interval_s: float
     ) -> Iterator[tuple[str, dict[str, Any]]]:
-        # get_many reads all still-pending ids in one MGET per interval.
-        backend: Any = self._app.backend  # celery-types does not know get_many
-        missing = set(ids)
+        # Reads a window of the oldest pending ids per poll, not all of them (producer.result_poller).
         redelivery = self._redelivery
-
-        def between_polls() -> None:
-            if redelivery is not None:
-                redelivery.check(missing)
-
-        for rid, meta in backend.get_many(
-            list(ids),
+        for rid, meta in poll_results(
+            self._app.backend,
+            ids,
             timeout=timeout,
-            interval=interval_s,
-            on_interval=between_polls,
-            READY_STATES=states.READY_STATES,
+            interval_s=interval_s,
+            between_polls=None if redelivery is None else redelivery.check,
         ):
-            missing.discard(rid)
             if redelivery is not None:
                 redelivery.collected([rid])
             yield rid, meta

@@ -63,8 +63,11 @@ class LostMapRedelivery:
             if payload is not None:
                 self._bytes -= len(payload)
 
-    def check(self, missing: Iterable[str]) -> int:
-        """Call while waiting; sends again the missing maps if the broker stayed idle. Returns how many."""
+    def check(self, missing: Callable[[], Iterable[str]]) -> int:
+        """Call while waiting; sends again the missing maps if the broker stayed idle. Returns how many.
+
+        ``missing()`` gives the result ids still without a result; it is called only then.
+        """
         now = time.monotonic()
         if now - self._last_check < self._check_every_s:
             return 0
@@ -74,7 +77,7 @@ class LostMapRedelivery:
         self._idle_since_check = idle
         if not confirmed:
             return 0
-        lost = [(rid, self._payloads[rid]) for rid in missing if rid in self._payloads]
+        lost = [(rid, self._payloads[rid]) for rid in missing() if rid in self._payloads]
         if not lost:
             return 0
         log.warning(

@@ -1,0 +1,147 @@
+"""Waiting for many maps' results at a cost that follows the results that arrive.
+
+Celery's ``get_many`` reads every still-pending id on every poll, computing each key again:
+O(pending) work per poll, O(N²) over a run of N maps, on the producer's CPU (which a GPU
+loop needs) and on Redis. Here each id's key is computed once, and a poll reads at most a
+window of the *oldest* pending ids: maps are rendered roughly in submission order, so the
+oldest are the ones about to arrive. When half a window or more turns out ready, the next one
+is read at once, so catching up on many finished results takes one round trip per window.
+
+Only key-value result backends have ``mget``: Redis and the filesystem backend, the two
+actmap supports. Values are decoded and judged ready the way Celery's ``get_many`` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from celery import states
+
+# Keys per MGET. A result meta is ~330 bytes, so a full window is a ~170 KB reply Redis
+# serves in ~0.4 ms, short enough not to hold up the workers' writes (Redis runs one command
+# at a time). A window that finds nothing costs the producer ~1.5 ms, ~1.5% of a core at 10
+# polls a second (1024 keys: twice that), whatever the number pending; catching up on 20,000
+# ready results costs the same CPU as with 1024 or 2048, in 40 round trips of ~1 ms. Newer
+# results are read late only while all 512 oldest pending maps are held up (a dead worker of
+# 8 processes holds 8 messages of 32 maps: 256); an arrival among those, a timeout's last
+# look or a redelivery check then moves on.
+WINDOW = 512
+
+Result = tuple[str, dict[str, Any]]
+
+
+class ResultPoller:
+    """The results of ``ids`` (in submission order), read a window of the oldest at a time.
+
+    ``read_oldest`` and ``read_all`` read the backend; ``take_arrived`` hands out what they
+    found. ``pending`` holds the ids without a ready result, as far as the poller has read.
+    """
+
+    def __init__(self, backend: Any, ids: Iterable[str], *, window: int = WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, received {window}")
+        self._backend = backend
+        self._window = window
+        # Pending id -> its key, computed once; dict order is submission order, duplicates dropped.
+        self._keys: dict[str, Any] = {rid: backend.get_key_for_task(rid) for rid in ids}
+        self._queue: deque[str] = deque(self._keys)  # the pending ids, oldest first
+        self._arrived: list[Result] = []
+
+    @property
+    def pending(self) -> Collection[str]:
+        """The ids not yet seen with a ready result (a live view); those past the window are unread."""
+        return self._keys.keys()
+
+    def read_oldest(self) -> bool:
+        """Read the oldest ``window`` pending ids; True if at least half of them arrived.
+
+        Then reading again at once is worth it: it costs at most two keys read per result
+        arrived. Otherwise the caller waits, and the next read starts from the same ids.
+        """
+        window = take_oldest(self._queue, self._window)
+        arrived = self._read(window)
+        self._queue.extendleft(reversed([rid for rid in window if rid in self._keys]))
+        return len(window) > 0 and 2 * arrived >= len(window)
+
+    def read_all(self) -> None:
+        """Read every pending id, a window per MGET (on a timeout, or before sending maps again)."""
+        ids = list(self._queue)
+        for start in range(0, len(ids), self._window):
+            self._read(ids[start : start + self._window])
+        self._queue = deque(rid for rid in ids if rid in self._keys)
+
+    def take_arrived(self) -> list[Result]:
+        """The results read since the last call, each (id, Celery meta) once."""
+        arrived, self._arrived = self._arrived, []
+        return arrived
+
+    def _read(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        keys = [self._keys[rid] for rid in ids]
+        values = self._backend.mget(keys)
+        if isinstance(values, Mapping):  # some clients (memcached) answer a mapping of key -> value
+            values = [values.get(key) for key in keys]
+        count = 0
+        for rid, value in zip(ids, values, strict=True):
+            if value is None:
+                continue
+            meta: dict[str, Any] = self._backend.decode_result(value)
+            if meta["status"] in states.READY_STATES:
+                del self._keys[rid]
+                self._arrived.append((rid, meta))
+                count += 1
+        return count
+
+
+def take_oldest(queue: deque[str], size: int) -> list[str]:
+    """Remove and return the first ``size`` ids of ``queue`` (all of them if fewer)."""
+    return [queue.popleft() for _ in range(min(size, len(queue)))]
+
+
+def poll_results(
+    backend: Any,
+    ids: Iterable[str],
+    *,
+    timeout: float | None,
+    interval_s: float,
+    between_polls: Callable[[Callable[[], list[str]]], object] | None = None,
+    window: int = WINDOW,
+) -> Iterator[Result]:
+    """Yield (id, Celery meta) for each of ``ids`` as its result becomes ready.
+
+    Between polls, sleeps ``interval_s`` and calls ``between_polls(missing)``, where
+    ``missing()`` reads and returns the ids still without a result. Raises
+    TimeoutError after ``timeout`` seconds, having first read every still-pending id once
+    more, so every result that did arrive has been yielded.
+    """
+    poller = ResultPoller(backend, ids, window=window)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while poller.pending:
+        read_again = poller.read_oldest()
+        yield from poller.take_arrived()
+        if read_again or not poller.pending:
+            continue
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            poller.read_all()
+            yield from poller.take_arrived()
+            if poller.pending:
+                raise TimeoutError(f"{len(poller.pending)} result(s) still pending after {timeout:g} s")
+            return
+        if between_polls is not None:
+
+            def missing() -> list[str]:
+                # Ids past the window are unread and some may be ready: read them all first.
+                # Called only when the hook needs the list (a redelivery, which is rare).
+                poller.read_all()
+                return list(poller.pending)
+
+            between_polls(missing)
+            yield from poller.take_arrived()
+            if not poller.pending:
+                return
+        time.sleep(interval_s if deadline is None else min(interval_s, deadline - now))
