@@ -8,14 +8,16 @@ Per map, on the same Grad-CAM-like float32 maps at 224², 512² and 1024²:
     take ~40 s);
 (b) what a careful user would write by hand: a 256-entry RGBA LUT (Kolena's colours), ``lut[map]``
     to an RGBA array, Pillow's default PNG save of that RGBA image;
-(c) actmap's ``worker.render.render_png`` on the float32 map, and on the uint8 map the worker gets
-    (the producer quantizes before sending);
-floor: zlib.compress alone on the very bytes actmap deflates (the PNG's filtered scanlines, read
-    back from its IDAT), at the same level.
+(c) actmap's ``worker.render.render_png`` (Sub filter, ISA-L deflate) on the float32 map, and on
+    the uint8 map the worker gets (the producer quantizes before sending);
+floor: the deflate alone, with the same library and level (``isal_zlib.compress`` at the PNG level),
+    on the very bytes actmap deflates (the PNG's filtered scanlines, read back from its IDAT);
+zlib 1: for reference, the same PNG deflated by zlib at level 1 (render_png before ISA-L), whole
+    from uint8 and its deflate alone (the old floor), so the gain shows.
 
 The level is the one actmap uses (``ACTMAP_PNG_COMPRESS_LEVEL``, else the setting's default), or
-``--level``. A second table gives, at 224², ms and bytes of every zlib level 1-9, for actmap's
-encoder and for the encoder it replaced (Pillow's palette PNG, which never filters).
+``--level``: an ISA-L level, 0-3. A second table gives, at 224² and 512², ms and bytes of every
+ISA-L level 0-3 against zlib's levels 1 and 6 and Pillow's palette PNG (which never filters) at 1.
 
 Timings are medians over repeats; the variants are interleaved within each repeat, so the ratios
 of one run are measured under the same noise.
@@ -26,24 +28,28 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
+import struct
 import sys
 import time
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from isal import isal_zlib
 from PIL import Image
 
 from benchmarks.common import gradcam_maps, machine, median_ms_per_item, png_idat, table
 from producer.intensity import to_intensities
 from producer.settings import Settings
+from worker import render
 from worker.render import colorize, render_png
 
 # (maps per round, rounds) per size: enough for stable medians, a few seconds per size.
 _PLAN = {224: (8, 41), 512: (8, 11), 1024: (4, 7)}
 TARGETS_AT = 224
+LEVELS_AT = (224, 512)
 
 
 def kolena_reference_png(activation_map: npt.NDArray[np.float32]) -> bytes:
@@ -88,6 +94,16 @@ def pillow_palette_png(intensities: npt.NDArray[np.uint8], table: npt.NDArray[np
     return buffer.getvalue()
 
 
+def zlib_render_png(activation_map: npt.NDArray[np.generic], level: int = 1) -> bytes:
+    """render_png as it was before ISA-L: the same chunks and Sub filter, the IDAT deflated by zlib."""
+    intensities = to_intensities(activation_map)
+    height, width = intensities.shape
+    idat = zlib.compress(render._sub_filtered_scanlines(intensities).data, level)
+    header = render._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
+    palette = render._palette_chunks("jet", True)
+    return b"".join([render._PNG_SIGNATURE, header, palette, render._chunk(b"IDAT", idat), render._IEND])
+
+
 def decoded_rgba(png: bytes) -> npt.NDArray[np.uint8]:
     with Image.open(io.BytesIO(png)) as image:
         return np.asarray(image.convert("RGBA"))
@@ -99,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reference", default="224,512", help="sizes at which Kolena's reference runs (once); '' for none"
     )
-    parser.add_argument("--level", type=int, default=None, help="zlib level (default: actmap's setting)")
-    parser.add_argument("--no-levels", action="store_true", help="skip the table of levels 1-9")
+    parser.add_argument("--level", type=int, default=None, help="ISA-L level 0-3 (default: actmap's setting)")
+    parser.add_argument("--no-levels", action="store_true", help="skip the table of levels")
     parser.add_argument("--repeats", type=float, default=1.0, help="scale the number of timing rounds")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -109,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
 
     print(f"machine: {machine()}")
-    print(f"render_png: zlib level {level} ({'--level' if args.level is not None else 'actmap setting'})\n")
+    print(f"render_png: ISA-L level {level} ({'--level' if args.level is not None else 'actmap setting'})\n")
     jet = _handrolled_lut()
     rows, summary = [], {}
     for size in sizes:
@@ -119,12 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         intensities = [to_intensities(m) for m in maps]
         pngs_b = [handrolled_png(m, jet) for m in maps]
         pngs_c = [render_png(m, compress_level=level) for m in maps]
+        pngs_z = [zlib_render_png(i) for i in intensities]
         scanlines = [zlib.decompress(png_idat(png)) for png in pngs_c]
-        # Same picture from (b) and (c), and equal to colorize(): the comparison is apples to apples.
-        for m, png_b, png_c in zip(maps, pngs_b, pngs_c, strict=True):
+        assert scanlines == [zlib.decompress(png_idat(png)) for png in pngs_z], "not the same scanlines"
+        # Same picture from (b), (c) and zlib 1, equal to colorize(): the comparison is apples to apples.
+        for m, png_b, png_c, png_z in zip(maps, pngs_b, pngs_c, pngs_z, strict=True):
             expected = colorize(m)
             assert np.array_equal(decoded_rgba(png_c), expected), "render_png does not decode to colorize()"
             assert np.array_equal(decoded_rgba(png_b), expected), "hand-rolled PNG differs from colorize()"
+            assert np.array_equal(decoded_rgba(png_z), expected), "zlib render differs from colorize()"
         a_ms = a_bytes = None
         if size in reference_sizes:
             t0 = time.perf_counter()
@@ -139,13 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "b": lambda maps=maps: [handrolled_png(m, jet) for m in maps],
                 "c": lambda maps=maps: [render_png(m, compress_level=level) for m in maps],
                 "c_u8": lambda ints=intensities: [render_png(i, compress_level=level) for i in ints],
-                "floor": lambda lines=scanlines: [zlib.compress(s, level) for s in lines],
+                "floor": lambda lines=scanlines: [isal_zlib.compress(s, level) for s in lines],
+                "z_u8": lambda ints=intensities: [zlib_render_png(i) for i in ints],
+                "z_floor": lambda lines=scanlines: [zlib.compress(s, 1) for s in lines],
             },
             count,
             rounds,
         )
         b_bytes = statistics.median(len(p) for p in pngs_b)
         c_bytes = statistics.median(len(p) for p in pngs_c)
+        z_bytes = statistics.median(len(p) for p in pngs_z)
         row = {
             "size": f"{size}²",
             "a_ms": a_ms,
@@ -153,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "c_ms": times["c"],
             "c_u8_ms": times["c_u8"],
             "floor_ms": times["floor"],
+            "z_u8_ms": times["z_u8"],
+            "z_floor_ms": times["z_floor"],
             "a/c": a_ms / times["c"] if a_ms else None,
             "b/c": times["b"] / times["c"],
             "c/floor": times["c"] / times["floor"],
@@ -160,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "a_bytes": a_bytes,
             "b_bytes": b_bytes,
             "c_bytes": c_bytes,
+            "z_bytes": z_bytes,
         }
         summary[size] = row
         rows.append(
@@ -170,18 +195,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times["c"],
                 times["c_u8"],
                 times["floor"],
+                times["z_u8"],
+                times["z_floor"],
                 "-" if a_ms is None else f"{row['a/c']:,.0f}x",
                 f"{row['b/c']:.1f}x",
                 f"{row['c/floor']:.2f}",
                 f"{row['c_u8/floor']:.2f}",
+                f"{times['z_u8'] / times['c_u8']:.2f}x",
                 "-" if a_bytes is None else int(a_bytes),
                 int(b_bytes),
                 int(c_bytes),
+                int(z_bytes),
             ]
         )
         print(f"  {size}²: {count} maps x {rounds} rounds", file=sys.stderr)
 
-    print(f"ms per map (medians; a: one call) and PNG bytes (medians), zlib level {level}")
+    print(f"ms per map (medians; a: one call) and PNG bytes (medians), ISA-L level {level}")
     print(
         table(
             [
@@ -191,27 +220,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(c) actmap ms",
                 "(c) uint8 in",
                 "floor ms",
+                "zlib-1 u8 ms",
+                "zlib-1 floor",
                 "a/c",
                 "b/c",
                 "c/floor",
                 "c(u8)/floor",
+                "zlib-1/c(u8)",
                 "(a) bytes",
                 "(b) bytes",
                 "(c) bytes",
+                "zlib-1 bytes",
             ],
             rows,
         )
     )
     print(
         "(c) takes the float32 map like (a) and (b); '(c) uint8 in' takes the quantized map a worker "
-        "receives.\nfloor = zlib.compress of the PNG's filtered scanlines (filter byte + row) "
-        "at the same level."
+        "receives.\nfloor = isal_zlib.compress of the PNG's filtered scanlines (filter byte + row) "
+        f"at the same level ({level}).\nzlib-1 = the same PNG with its IDAT deflated by zlib level 1 "
+        "(render_png before ISA-L), from uint8; its floor is zlib.compress(scanlines, 1)."
     )
     if TARGETS_AT in summary:
         _print_targets(summary[TARGETS_AT])
 
-    if not args.no_levels and TARGETS_AT in sizes:
-        _print_levels(TARGETS_AT, jet, args.repeats)
+    if not args.no_levels:
+        for size in (s for s in LEVELS_AT if s in sizes):
+            _print_levels(size, jet, args.repeats)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 
@@ -235,9 +270,16 @@ def _print_targets(row: dict[str, object]) -> None:
     b_bytes, c_bytes = row["b_bytes"], row["c_bytes"]
     assert isinstance(b_bytes, float) and isinstance(c_bytes, float)
     print(f"  PNG no larger than (b)'s:      {c_bytes:,.0f} vs {b_bytes:,.0f} B  {check(c_bytes <= b_bytes)}")
+    z_ms, c_u8_ms, z_bytes = row["z_u8_ms"], row["c_u8_ms"], row["z_bytes"]
+    assert isinstance(z_ms, float) and isinstance(c_u8_ms, float) and isinstance(z_bytes, float)
+    print(
+        f"  against zlib level 1 (before ISA-L), from uint8: {z_ms / c_u8_ms:.2f}x faster, "
+        f"{c_bytes:,.0f} vs {z_bytes:,.0f} B ({c_bytes / z_bytes - 1:+.1%})"
+    )
 
 
 def _print_levels(size: int, jet: npt.NDArray[np.uint8], repeats: float) -> None:
+    """ISA-L levels 0-3 of render_png against the zlib-deflated PNGs it replaced, on the same maps."""
     from worker.colormaps import lut
 
     count, rounds = _PLAN[size]
@@ -245,54 +287,50 @@ def _print_levels(size: int, jet: npt.NDArray[np.uint8], repeats: float) -> None
     maps = [to_intensities(m) for m in gradcam_maps(size, count)]
     palette = lut("jet", True)
     b_bytes = statistics.median(len(handrolled_png(m, jet)) for m in gradcam_maps(size, count))
-    rows = []
-    for level in range(1, 10):
-        new = [render_png(m, compress_level=level) for m in maps]
-        old = [pillow_palette_png(m, palette, level) for m in maps]
-        new_lines = [zlib.decompress(png_idat(p)) for p in new]
-        old_lines = [zlib.decompress(png_idat(p)) for p in old]
-        times = median_ms_per_item(
-            {
-                "new": lambda maps=maps, level=level: [render_png(m, compress_level=level) for m in maps],
-                "new_floor": lambda lines=new_lines, level=level: [zlib.compress(s, level) for s in lines],
-                "old": lambda maps=maps, level=level: [pillow_palette_png(m, palette, level) for m in maps],
-                "old_floor": lambda lines=old_lines, level=level: [zlib.compress(s, level) for s in lines],
-            },
-            count,
-            rounds,
+    scanlines = [zlib.decompress(png_idat(render_png(m))) for m in maps]
+    variants: dict[str, tuple[Callable[[npt.NDArray[np.uint8]], bytes], Callable[[bytes], bytes]]] = {}
+    for level in range(4):
+        variants[f"actmap, ISA-L {level}"] = (
+            lambda m, level=level: render_png(m, compress_level=level),
+            lambda s, level=level: isal_zlib.compress(s, level),
         )
+    for level in (1, 6):
+        variants[f"same PNG, zlib {level}"] = (
+            lambda m, level=level: zlib_render_png(m, level),
+            lambda s, level=level: zlib.compress(s, level),
+        )
+    calls: dict[str, Callable[[], object]] = {}
+    for name, (encode, deflate) in variants.items():
+        calls[name] = lambda encode=encode: [encode(m) for m in maps]
+        calls[f"{name} floor"] = lambda deflate=deflate: [deflate(s) for s in scanlines]
+    calls["Pillow-P, zlib 1"] = lambda: [pillow_palette_png(m, palette, 1) for m in maps]
+    times = median_ms_per_item(calls, count, rounds)
+    reference = times["same PNG, zlib 1"]
+    rows = []
+    for name, (encode, _) in variants.items():
+        pngs = [encode(m) for m in maps]
+        assert all(np.array_equal(decoded_rgba(p), colorize(m)) for p, m in zip(pngs, maps, strict=True))
         rows.append(
             [
-                level,
-                times["new"],
-                int(statistics.median(len(p) for p in new)),
-                times["new_floor"],
-                f"{times['new'] / times['new_floor']:.2f}",
-                times["old"],
-                int(statistics.median(len(p) for p in old)),
-                times["old_floor"],
+                name,
+                times[name],
+                int(statistics.median(len(p) for p in pngs)),
+                times[f"{name} floor"],
+                f"{times[name] / times[f'{name} floor']:.2f}",
+                f"{reference / times[name]:.2f}x",
             ]
         )
-    print(f"\nzlib levels at {size}² (uint8 maps as the worker gets them; ms per map, medians; PNG bytes)")
+    pillow_bytes = int(statistics.median(len(pillow_palette_png(m, palette, 1)) for m in maps))
+    pillow_ms = times["Pillow-P, zlib 1"]
+    rows.append(["Pillow-P, zlib 1", pillow_ms, pillow_bytes, "-", "-", f"{reference / pillow_ms:.2f}x"])
     print(
-        table(
-            [
-                "level",
-                "actmap ms",
-                "actmap bytes",
-                "floor ms",
-                "actmap/floor",
-                "old Pillow-P ms",
-                "old bytes",
-                "old floor ms",
-            ],
-            rows,
-        )
+        f"\nlevels at {size}² (uint8 maps as the worker gets them; ms per map, medians; PNG bytes, medians)"
     )
+    print(table(["encoder", "ms", "PNG bytes", "deflate alone ms", "ms/deflate", "speed vs zlib 1"], rows))
     print(
-        f"actmap = render_png (Sub filter on every row, written with zlib); old = Pillow's palette PNG "
-        f"(no filter), the encoder render_png used before.\n(b) at level 6 with adaptive filters: "
-        f"{b_bytes:,.0f} B."
+        "actmap = render_png (Sub filter on every row, deflated by ISA-L); same PNG, zlib = render_png "
+        "before ISA-L;\nPillow-P = Pillow's palette PNG (no filter), the encoder before that. "
+        f"(b) at level 6 with adaptive filters: {b_bytes:,.0f} B."
     )
 
 

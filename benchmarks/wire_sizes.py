@@ -4,14 +4,15 @@ For Grad-CAM-like maps (benchmarks.common.gradcam_map) of 224², 512² and 1024�
 producer as float32, float16 or uint8, in one run:
 
   packed   the map message as ``encode_map`` packs it (msgpack), per map
-  zlib 1   the same after ``compress_map`` at ``wire_compress_level`` (1), what the task carries
+  ISA-L 2  the same after ``compress_map`` (ISA-L deflate at ``wire_compress_level``, 2), what the
+           task carries
   Redis    what kombu's Redis transport stores (base64 body in a JSON envelope): maps published
            with ``Producer.submit_many`` (``batch_size`` 32, synchronous) to a private
            redis-server, then the queue list read back with LRANGE; total bytes / maps
 
 each with the producer's default (``quantize``: floats sent as rint(x*255) uint8) and with
 ``quantize=False`` (the float bytes themselves on the wire). Then, per size: the PNG a worker
-stores (render_png at ``png_compress_level``), one map's result as the worker stores it in the
+stores (render_png at ISA-L ``png_compress_level``), one map's result as the worker stores it in the
 result backend (``MEMORY USAGE`` and ``STRLEN`` of its key, written by ResultStore with expiry),
 and the worker CPU of decoding and rendering one map (thread CPU time, median). Last, the batch
 sizes the background publisher forms at a GPU's pace (200 maps/s, 224²) and their bytes per map,
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     print(
-        f"\nbytes per map on the wire, Grad-CAM-like maps, wire zlib level {level}, "
+        f"\nbytes per map on the wire, Grad-CAM-like maps, wire ISA-L level {level}, "
         f"batch {defaults.batch_size}\n"
     )
     print(
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "on wire",
                 "input bytes",
                 "packed",
-                f"zlib {level}",
+                f"ISA-L {level}",
                 "Redis list",
                 "Redis/float32",
                 "maps/msg",
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(
-        f"\nper map, by size (PNG zlib level {defaults.png_compress_level}; result written by ResultStore)\n"
+        f"\nper map, by size (PNG ISA-L level {defaults.png_compress_level}; result written by ResultStore)\n"
     )
     print(
         table(

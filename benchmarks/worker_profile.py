@@ -1,11 +1,11 @@
 """Where a worker's time goes per map: ``python -m benchmarks.worker_profile`` (about 30 s).
 
 In this process, on 224² Grad-CAM-like maps packed exactly as the producer sends them (uint8,
-msgpack, zlib at ``wire_compress_level``), each stage of a worker's per-map work is timed on
+msgpack, ISA-L deflate at ``wire_compress_level``), each stage of a worker's per-map work is timed on
 its own, wall clock and CPU time of the calling thread, map after map (stages interleaved):
 
   decode   decode_map: inflate, msgpack, validation; result id and object key
-  render   render_png at ``png_compress_level``
+  render   render_png at ``png_compress_level`` (ISA-L)
   store    FileStorage.put into a temporary folder, and S3Storage.put to a private SeaweedFS
   log      the pipeline's one INFO line per map, through Celery's worker logging setup to a file
   metrics  the Prometheus updates pipeline and task make per map (in memory: no --metrics-port)
@@ -78,7 +78,7 @@ class Stage:
 
 
 def packed_maps(settings: Settings, run_id: str, count: int, distinct: int) -> list[bytes]:
-    """``count`` map messages as the producer sends them: quantized, msgpack, zlib."""
+    """``count`` map messages as the producer sends them: quantized, msgpack, deflated (ISA-L)."""
     arrays = [to_intensities(m) for m in gradcam_maps(224, distinct)]
     return [
         compress_map(
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worker_profile")
     parser.add_argument("--maps", type=int, default=1000, help="maps per pass (default 1000)")
     parser.add_argument("--no-s3", action="store_true", help="skip SeaweedFS")
-    parser.add_argument("--level", type=int, default=None, help="PNG zlib level (default: actmap setting)")
+    parser.add_argument(
+        "--level", type=int, default=None, help="PNG ISA-L level 0-3 (default: actmap setting)"
+    )
     args = parser.parse_args(argv)
 
     print(f"machine: {machine()}")

@@ -9,14 +9,29 @@ folder, all under ``home``, so one machine needs no server at all.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Slack between the end of a message's work and the broker's redelivery of it.
 REDELIVERY_MARGIN_S = 5
 # What a write to a local folder counts for in that reckoning.
 LOCAL_WRITE_S = 1.0
+
+
+def _isal_level(range_text: str) -> WrapValidator:
+    """Refuse a deflate level with the whole range in the message (pydantic's names one bound)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            raise ValueError(
+                f"expected an ISA-L level, an int from {range_text}; received {value!r}"
+            ) from exc
+
+    return WrapValidator(check)
 
 
 class Settings(BaseSettings):
@@ -41,11 +56,12 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(86_400, ge=60, description="How long results stay in the result backend.")
     batch_size: int = Field(32, ge=1, le=4096, description="Most maps per Celery message the producer sends.")
     quantize: bool = Field(True, description="Send float maps as rint(x*255) uint8: same PNG, 4x smaller.")
-    wire_compress_level: int = Field(
-        1,
+    wire_compress_level: Annotated[int, _isal_level("0 (off) to 3")] = Field(
+        2,
         ge=0,
-        le=9,
-        description="zlib level for map messages on the wire (0: off); done off the caller's thread.",
+        le=3,
+        description="ISA-L deflate level (1-3) of map messages on the wire (0: off), off the caller's "
+        "thread: 2 packs like zlib's 1, 3.5x faster.",
     )
     publish_timeout_s: float = Field(
         10.0, gt=0, description="How long a publish retries an unreachable broker."
@@ -71,11 +87,18 @@ class Settings(BaseSettings):
 
     max_pixels: int = Field(4096 * 4096, ge=1, description="Largest map accepted, in pixels.")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest map message accepted.")
-    png_compress_level: int = Field(
-        1, ge=0, le=9, description="zlib level of the PNG encoder: 1 is the fastest, and small enough."
+    png_compress_level: Annotated[int, _isal_level("0 to 3")] = Field(
+        1,
+        ge=0,
+        le=3,
+        description="ISA-L deflate level (0-3) of the PNG encoder: 1 is about as fast as 0 "
+        "and a fifth smaller.",
     )
 
     upload_threads: int = Field(4, ge=1, le=64, description="PUTs in flight per worker process.")
+    log_each_map: bool = Field(
+        False, description="Workers log one INFO line per map stored (else DEBUG; Celery logs each message)."
+    )
     storage_max_attempts: int = Field(
         3, ge=1, le=10, description="boto3 attempts per PUT (total, first included)."
     )

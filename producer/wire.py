@@ -16,7 +16,9 @@ A Celery task message carries a list of these as binary strings, so a batch of m
 costs one broker message and each map stays decodable (and fuzzable) on its own. Each may
 be sent as a zlib stream (RFC 1950) of the msgpack bytes instead: a msgpack map begins with
 a byte 0x80-0x8f, 0xde or 0xdf, a zlib stream with 0x78, so the first byte tells which.
-Smooth maps deflate about 4x, which is 4x less for the broker to carry and encode.
+Smooth maps deflate about 4x, which is 4x less for the broker to carry and encode. Any zlib
+stream is read, whatever wrote it; actmap writes it with ISA-L (isal), at its default level 2
+~3.5x faster than zlib's level 1 for the same bytes, and inflates with ISA-L, ~2x faster.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
+from isal import isal_zlib
 
 from producer.errors import ActmapError, InvalidMapError, WireFormatError
 from producer.keys import validate_image_id, validate_map_name
@@ -38,6 +41,9 @@ VERSION = 1
 COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray")
 DTYPES: tuple[str, ...] = ("uint8", "float16", "float32", "float64")
 _FIELDS = {"v", "run", "id", "name", "dtype", "shape", "data", "colormap", "fade"}
+MAX_COMPRESS_LEVEL = 3  # ISA-L's levels are 0-3; 0 here means not compressed
+# isal's stubs declare its error an instance; it is an exception class (igzip_lib.IsalError).
+_INFLATE_ERRORS = (cast(type[Exception], isal_zlib.error), zlib.error)
 
 
 @dataclass(frozen=True)
@@ -86,16 +92,21 @@ def encode_map(message: MapMessage) -> bytes:
 
 
 def compress_map(payload: bytes, level: int) -> bytes:
-    """The zlib form of a packed map message; ``level`` 0 leaves it as it is."""
-    return zlib.compress(payload, level) if level > 0 else payload
+    """The zlib form of a packed map message, deflated by ISA-L at ``level`` 1-3; 0 leaves it as it is."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_COMPRESS_LEVEL:
+        raise ValueError(
+            f"wire compress level is {level!r}; expected an int from 0 (off) to {MAX_COMPRESS_LEVEL} (ISA-L)"
+        )
+    return isal_zlib.compress(payload, level) if level > 0 else payload
 
 
 def _inflate(payload: bytes | bytearray | memoryview, max_message_bytes: int) -> bytes:
-    inflater = zlib.decompressobj()
+    # ISA-L inflates any zlib stream, whatever level or library wrote it, about 2x faster than zlib.
+    inflater = isal_zlib.decompressobj()
     try:
         # Bounded: a small stream must not unpack into more than a message may be.
         data = inflater.decompress(payload, max_message_bytes)
-    except zlib.error as exc:
+    except _INFLATE_ERRORS as exc:
         raise MapDecodeError(f"map message is not a valid zlib stream ({exc})") from exc
     if inflater.unconsumed_tail:
         raise MapDecodeError(f"map message inflates to over {max_message_bytes} bytes; expected at most that")

@@ -84,6 +84,8 @@ class Pipeline:
         self.settings = settings
         self.location = location
         self._upload_threads = upload_threads
+        # A log line costs about a third of a map's render: one per map only when asked for.
+        self._stored_level = logging.INFO if settings.log_each_map else logging.DEBUG
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="actmap-upload")
 
     def process(self, payload: bytes) -> Outcome:
@@ -153,7 +155,8 @@ class Pipeline:
             return self._failed(map_.result_id, map_.image_id, exc)
         store_s = time.perf_counter() - started
         metrics.STAGE_SECONDS.labels("store").observe(store_s)
-        log.info(
+        log.log(
+            self._stored_level,
             "map %r stored at %s (%d bytes, render %.1f ms, store %.1f ms)",
             map_.image_id,
             stored.locator,

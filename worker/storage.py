@@ -22,6 +22,8 @@ from producer.settings import Settings
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+_MAX_FOLDERS = 4096  # folders FileStorage remembers as resolved and made
+
 # Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
 _PERMANENT_S3_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "NoSuchBucket", "InvalidBucketName", "SignatureDoesNotMatch"}
@@ -46,7 +48,10 @@ class FileStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
-        self._folders: set[Path] = set()  # made already: one mkdir per folder, not per map
+        # Per folder, not per map: its resolved path (a realpath costs a syscall per path
+        # component) and whether it was made already (one mkdir). Forgotten past _MAX_FOLDERS.
+        self._resolved: dict[Path, Path] = {}
+        self._folders: set[Path] = set()
 
     def locator(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -58,8 +63,10 @@ class FileStorage:
         try:
             handle = self._create(tmp)
             try:
-                with os.fdopen(handle, "wb") as out:
-                    out.write(data)
+                try:
+                    _write_all(handle, data)
+                finally:
+                    os.close(handle)
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -73,8 +80,11 @@ class FileStorage:
     def _create(self, tmp: Path) -> int:
         if tmp.parent not in self._folders:
             tmp.parent.mkdir(parents=True, exist_ok=True)
+            if len(self._folders) >= _MAX_FOLDERS:
+                self._folders.clear()
             self._folders.add(tmp.parent)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        # O_NOFOLLOW: a link planted at the temporary name is not followed out of the folder.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             # 0o666 less the umask, as for any new file: a PNG is for viewers and servers.
             return os.open(tmp, flags, 0o666)
@@ -83,12 +93,21 @@ class FileStorage:
             return os.open(tmp, flags, 0o666)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        # keys.object_key already refuses escaping ids; this guards against a link in the tree.
-        # The root itself is no object's place either: its temporary file would go outside it.
-        if path == self.root or not path.is_relative_to(self.root):
+        path = self.root / key
+        # The root itself is no object's place: its temporary file would go outside it.
+        if path == self.root or path.name in ("", ".", ".."):
             raise InvalidImageIdError(f"object key {key!r} resolves outside {self.root}")
-        return path
+        folder = self._resolved.get(path.parent)
+        if folder is None:
+            # keys.object_key already refuses escaping ids; this guards against a link in the
+            # tree. The file itself needs no resolving: a rename replaces a link, never follows it.
+            folder = path.parent.resolve()
+            if not folder.is_relative_to(self.root):
+                raise InvalidImageIdError(f"object key {key!r} resolves outside {self.root}")
+            if len(self._resolved) >= _MAX_FOLDERS:
+                self._resolved.clear()
+            self._resolved[path.parent] = folder
+        return folder / path.name
 
 
 class S3Storage:
@@ -170,6 +189,12 @@ def make_s3_client(settings: Settings) -> S3Client:
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config
     )
+
+
+def _write_all(handle: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(handle, view) :]
 
 
 def _md5(data: bytes) -> tuple[str, str]:

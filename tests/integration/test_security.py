@@ -107,6 +107,7 @@ def password_stack(
             "ACTMAP_HOME": str(root / "home"),
             "ACTMAP_BROKER_URL": password_redis.url(0),
             "ACTMAP_RESULT_BACKEND": password_redis.url(1),
+            "ACTMAP_LOG_EACH_MAP": "true",  # logs that name the storage, checked for leaked secrets
             **s3_env(s3_server, bucket),
         },
         log_dir=root,

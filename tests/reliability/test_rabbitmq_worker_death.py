@@ -88,6 +88,7 @@ def test_a_sigkilled_whole_worker_has_its_maps_redelivered_at_once_by_rabbitmq_a
             "ACTMAP_RESULT_BACKEND": results_redis.url(1),
             "ACTMAP_STORAGE_URL": f"file://{tmp_path / 'maps'}",
             "ACTMAP_BATCH_SIZE": str(BATCH_SIZE),
+            "ACTMAP_LOG_EACH_MAP": "true",  # executions() counts the "stored at" lines
         },
         log_dir=tmp_path,
     )

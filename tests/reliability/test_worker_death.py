@@ -84,6 +84,7 @@ def make_stack(redis_server: RedisServer, root: Path, **settings: str) -> Stack:
             "ACTMAP_RESULT_BACKEND": redis_server.url(1),
             "ACTMAP_STORAGE_URL": f"file://{root / 'maps'}",
             "ACTMAP_BATCH_SIZE": str(BATCH_SIZE),
+            "ACTMAP_LOG_EACH_MAP": "true",  # executions() counts the "stored at" lines
             **settings,
         },
         log_dir=root,

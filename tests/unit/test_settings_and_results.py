@@ -144,6 +144,8 @@ def test_unknown_actmap_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -
         ("ACTMAP_BATCH_SIZE", "5000"),
         ("ACTMAP_BATCH_SIZE", "many"),
         ("ACTMAP_PNG_COMPRESS_LEVEL", "10"),
+        ("ACTMAP_PNG_COMPRESS_LEVEL", "4"),
+        ("ACTMAP_WIRE_COMPRESS_LEVEL", "9"),
         ("ACTMAP_MAX_MESSAGE_BYTES", "100"),
         ("ACTMAP_MAX_PIXELS", "0"),
         ("ACTMAP_RESULT_EXPIRES_S", "59"),
@@ -160,6 +162,36 @@ def test_a_value_that_cannot_work_is_refused_naming_the_setting(
     with pytest.raises(ValidationError) as info:
         Settings()
     assert variable.removeprefix("ACTMAP_").lower() in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("ACTMAP_PNG_COMPRESS_LEVEL", "4", "expected an ISA-L level, an int from 0 to 3; received '4'"),
+        ("ACTMAP_PNG_COMPRESS_LEVEL", "-1", "expected an ISA-L level, an int from 0 to 3; received '-1'"),
+        ("ACTMAP_PNG_COMPRESS_LEVEL", "fast", "expected an ISA-L level, an int from 0 to 3; received 'fast'"),
+        (
+            "ACTMAP_WIRE_COMPRESS_LEVEL",
+            "9",
+            "expected an ISA-L level, an int from 0 (off) to 3; received '9'",
+        ),
+    ],
+)
+def test_a_compress_level_outside_isals_0_to_3_is_refused_naming_the_range(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    # Both levels were zlib's 0-9; ISA-L has 0-3, so an old ACTMAP_*_COMPRESS_LEVEL=6 must say why.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert expected in str(info.value)
+    assert variable.removeprefix("ACTMAP_").lower() in str(info.value)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_every_isal_level_is_accepted(level: int) -> None:
+    settings = Settings(png_compress_level=level, wire_compress_level=level)
+    assert (settings.png_compress_level, settings.wire_compress_level) == (level, level)
 
 
 def test_settings_are_frozen() -> None:

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,27 @@ def test_a_link_inside_the_root_cannot_carry_a_write_outside_it(tmp_path: Path, 
     with pytest.raises(InvalidImageIdError, match="resolves outside"):
         FileStorage(root).put("link/x.png", PNG)
     assert list(outside.iterdir()) == []
+
+
+def test_a_link_in_place_of_a_map_is_replaced_by_the_map_not_followed(tmp_path: Path, root: Path) -> None:
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not to be overwritten")
+    (root / "a.png").symlink_to(outside)
+    FileStorage(root).put("a.png", PNG)
+    assert outside.read_bytes() == b"not to be overwritten"
+    assert not (root / "a.png").is_symlink()
+    assert (root / "a.png").read_bytes() == PNG
+
+
+def test_a_link_planted_at_the_temporary_name_is_not_followed(tmp_path: Path, root: Path) -> None:
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not to be overwritten")
+    # The temporary name of this process and thread (see FileStorage.put).
+    (root / f".a.png.{os.getpid()}-{threading.get_ident()}.tmp").symlink_to(outside)
+    with pytest.raises(StorageError, match="could not write"):
+        FileStorage(root).put("a.png", PNG)
+    assert outside.read_bytes() == b"not to be overwritten"
+    assert not (root / "a.png").exists()
 
 
 @pytest.mark.parametrize(
