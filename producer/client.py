@@ -10,6 +10,7 @@ so any process that knows the run id can collect them.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import re
@@ -48,10 +49,17 @@ class PendingMap:
     run_id: str
     image_id: str
     name: str | None
-    result_id: str
+
+    @functools.cached_property
+    def result_id(self) -> str:
+        """The id of the map's result in the result backend (computed when first asked for)."""
+        return result_id(self.run_id, self.image_id, self.name)
 
 
 CollectItem = PendingMap | str | tuple[str, str | None]
+# What the publisher carries: a map submitted (packed when published) or one packed already
+# (a map sent again by producer.redelivery).
+Outgoing = MapMessage | bytes
 MapItem = tuple[str, Any] | tuple[str, Any, str | None]
 
 
@@ -69,7 +77,7 @@ class Producer:
         if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(f"run id {self.run_id!r} is not valid; expected 1-128 of A-Z a-z 0-9 . _ -")
         self._app = make_celery(self.settings, "actmap-producer")
-        self._publisher: BackgroundPublisher | None = None
+        self._publisher: BackgroundPublisher[Outgoing] | None = None
         if self.settings.background_publish:
             self._publisher = BackgroundPublisher(
                 self._publish,
@@ -102,8 +110,8 @@ class Producer:
         fade_low_activation: bool = True,
     ) -> PendingMap:
         """Queue one map and return at once. Bad input raises here, before anything is sent."""
-        pending, payload = self._pack(image_id, activation_map, name, colormap, fade_low_activation)
-        self._send([payload])
+        pending, message = self._prepare(image_id, activation_map, name, colormap, fade_low_activation)
+        self._send([message])
         return pending
 
     def submit_many(
@@ -116,13 +124,15 @@ class Producer:
     ) -> list[PendingMap]:
         """Queue (image_id, map) or (image_id, map, name) items, ``batch_size`` maps per message."""
         handles: list[PendingMap] = []
-        batch: list[bytes] = []
+        batch: list[Outgoing] = []
         with tqdm(desc="submit", unit="map", disable=not progress) as bar:
             for item in maps:
                 image_id, activation_map, name = _unpack_item(item)
-                pending, payload = self._pack(image_id, activation_map, name, colormap, fade_low_activation)
+                pending, message = self._prepare(
+                    image_id, activation_map, name, colormap, fade_low_activation
+                )
                 handles.append(pending)
-                batch.append(payload)
+                batch.append(message)
                 if len(batch) >= self.settings.batch_size:
                     self._send(batch)
                     bar.update(len(batch))
@@ -132,16 +142,17 @@ class Producer:
                 bar.update(len(batch))
         return handles
 
-    def _send(self, payloads: list[bytes]) -> None:
+    def _send(self, outgoing: Sequence[Outgoing]) -> None:
         if self._publisher is None:
-            self._publish(payloads)
+            self._publish(outgoing)
             return
-        for payload in payloads:
-            self._publisher.put(payload, timeout_s=self.settings.publish_timeout_s)
+        for item in outgoing:
+            self._publisher.put(item, timeout_s=self.settings.publish_timeout_s)
 
-    def _pack(
+    def _prepare(
         self, image_id: str, activation_map: Any, name: str | None, colormap: str, fade: bool
-    ) -> tuple[PendingMap, bytes]:
+    ) -> tuple[PendingMap, MapMessage]:
+        """Everything that can refuse a map, and its quantization: the caller's thread's share."""
         validate_image_id(image_id)
         validate_map_name(name)
         validate_colormap(colormap)
@@ -151,13 +162,17 @@ class Producer:
         # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
         # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
         array = intensities if self.settings.quantize else _host_array(activation_map)
-        payload = encode_map(MapMessage(self.run_id, image_id, name, array, colormap, fade))
-        pending = PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name))
-        if self._redelivery is not None:
-            self._redelivery.remember(pending.result_id, payload)
-        return pending, payload
+        if array is activation_map or not array.flags.owndata:
+            # The caller's own memory (a uint8 array, a CPU tensor): it may be reused as soon as
+            # submit returns, and the map is packed later. Quantized floats are already a copy.
+            array = array.copy()
+        return PendingMap(self.run_id, image_id, name), MapMessage(
+            self.run_id, image_id, name, array, colormap, fade
+        )
 
-    def _publish(self, payloads: list[bytes]) -> None:
+    def _publish(self, outgoing: Sequence[Outgoing]) -> None:
+        """Pack, compress and send maps in one Celery message (the publisher thread's work)."""
+        payloads = [item if isinstance(item, bytes) else self._pack(item) for item in outgoing]
         timeout = self.settings.publish_timeout_s
         try:
             self._app.send_task(
@@ -183,6 +198,12 @@ class Producer:
             raise BrokerError(
                 f"could not publish {len(payloads)} map(s) to {broker} within {timeout:g} s: {exc}"
             ) from exc
+
+    def _pack(self, message: MapMessage) -> bytes:
+        payload = encode_map(message)
+        if self._redelivery is not None:
+            self._redelivery.remember(result_id(message.run_id, message.image_id, message.name), payload)
+        return payload
 
     # -- collecting -------------------------------------------------------------------
 
@@ -257,7 +278,7 @@ class Producer:
         image_id, name = (item, None) if isinstance(item, str) else item
         validate_image_id(image_id)
         validate_map_name(name)
-        return PendingMap(self.run_id, image_id, name, result_id(self.run_id, image_id, name))
+        return PendingMap(self.run_id, image_id, name)
 
     @property
     def unsent(self) -> int:

@@ -1,8 +1,8 @@
 """Publishing off the caller's thread: a bounded buffer drained by one background thread.
 
-``submit`` only validates, quantizes and packs a map (a few tens of microseconds), then
-hands the bytes to this buffer; the thread publishes them in batches — whatever is waiting,
-up to ``batch_size`` maps per Celery message — so the GPU loop never waits on the broker.
+``submit`` only validates and quantizes a map, then hands it to this buffer; the thread
+packs, compresses and publishes them in batches — whatever is waiting, up to ``batch_size``
+maps per Celery message — so the GPU loop never waits on the broker.
 
 Guarantees: a map ``put`` here is published or reported. While the broker is unreachable
 the thread keeps retrying; the buffer fills; once full, ``put`` blocks, and raises
@@ -16,22 +16,25 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from producer.errors import BrokerError
 
 log = logging.getLogger("actmap.producer")
 
-Send = Callable[[list[bytes]], None]
+Item = TypeVar("Item")
 
 
-class BackgroundPublisher:
-    def __init__(self, send: Send, *, capacity: int, batch_size: int, linger_s: float) -> None:
+class BackgroundPublisher(Generic[Item]):
+    def __init__(
+        self, send: Callable[[Sequence[Item]], None], *, capacity: int, batch_size: int, linger_s: float
+    ) -> None:
         self._send = send
         self._capacity = capacity
         self._batch_size = batch_size
         self._linger_s = linger_s
-        self._buffer: deque[bytes] = deque()
+        self._buffer: deque[Item] = deque()
         self._changed = threading.Condition()
         self._accepted = 0  # maps put so far
         self._published = 0  # maps the broker has taken so far
@@ -46,7 +49,7 @@ class BackgroundPublisher:
         with self._changed:
             return self._accepted - self._published
 
-    def put(self, payload: bytes, timeout_s: float) -> None:
+    def put(self, item: Item, timeout_s: float) -> None:
         """Buffer one map; blocks while the buffer is full, up to ``timeout_s``."""
         with self._changed:
             if self._closing:
@@ -58,7 +61,7 @@ class BackgroundPublisher:
                     f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
                     f"the broker is not taking messages: {self._last_error}"
                 )
-            self._buffer.append(payload)
+            self._buffer.append(item)
             self._accepted += 1
             # Wake the publisher only when it has something to do: the first map starts its
             # linger, a full batch ends it. Waking it on every map would make it contend for
@@ -105,7 +108,7 @@ class BackgroundPublisher:
                     self._last_error = None
                 self._changed.notify_all()
 
-    def _next_batch(self) -> list[bytes] | None:
+    def _next_batch(self) -> list[Item] | None:
         with self._changed:
             self._changed.wait_for(lambda: self._buffer or self._closing)
             if not self._buffer:
@@ -120,7 +123,7 @@ class BackgroundPublisher:
             self._changed.notify_all()  # room in the buffer for a blocked put
             return batch
 
-    def _requeue(self, batch: list[bytes], error: Exception) -> None:
+    def _requeue(self, batch: list[Item], error: Exception) -> None:
         with self._changed:
             if self._last_error is None:
                 log.warning("cannot publish %d map(s), will keep retrying: %s", len(batch), error)

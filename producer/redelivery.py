@@ -13,11 +13,13 @@ retry or held by a worker is unacknowledged. Sending again is safe: the same obj
 the same bytes, and a success is never overwritten.
 
 Payloads are kept until their result is collected, up to ``max_bytes`` (oldest dropped).
+They are remembered by the publisher thread as it packs them, and dropped by ``collect``'s.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -42,26 +44,29 @@ class LostMapRedelivery:
         self._max_bytes = max_bytes
         self._check_every_s = check_every_s
         self._payloads: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()  # remember runs in the publisher thread, the rest in collect's
         self._bytes = 0
         self._last_check = 0.0
         self._idle_since_check = False
         self.redelivered = 0
 
     def remember(self, result_id: str, payload: bytes) -> None:
-        old = self._payloads.pop(result_id, None)
-        if old is not None:
-            self._bytes -= len(old)
-        self._payloads[result_id] = payload
-        self._bytes += len(payload)
-        while self._bytes > self._max_bytes and self._payloads:
-            _, dropped = self._payloads.popitem(last=False)
-            self._bytes -= len(dropped)
+        with self._lock:
+            old = self._payloads.pop(result_id, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._payloads[result_id] = payload
+            self._bytes += len(payload)
+            while self._bytes > self._max_bytes and self._payloads:
+                _, dropped = self._payloads.popitem(last=False)
+                self._bytes -= len(dropped)
 
     def collected(self, result_ids: Iterable[str]) -> None:
-        for result_id in result_ids:
-            payload = self._payloads.pop(result_id, None)
-            if payload is not None:
-                self._bytes -= len(payload)
+        with self._lock:
+            for result_id in result_ids:
+                payload = self._payloads.pop(result_id, None)
+                if payload is not None:
+                    self._bytes -= len(payload)
 
     def check(self, missing: Callable[[], Iterable[str]]) -> int:
         """Call while waiting; sends again the missing maps if the broker stayed idle. Returns how many.
@@ -77,7 +82,9 @@ class LostMapRedelivery:
         self._idle_since_check = idle
         if not confirmed:
             return 0
-        lost = [(rid, self._payloads[rid]) for rid in missing() if rid in self._payloads]
+        ids = list(missing())
+        with self._lock:
+            lost = [(rid, self._payloads[rid]) for rid in ids if rid in self._payloads]
         if not lost:
             return 0
         log.warning(

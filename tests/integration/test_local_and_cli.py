@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from producer import Producer, Settings
@@ -151,3 +152,23 @@ def test_storage_errors_are_retried_with_backoff_up_to_the_bound_then_reported(t
     assert "gave up after 2 retries" in result.error.message
     assert "Could not connect" in result.error.message
     assert stack.worker_logs().count("retrying 1 map(s)") == 2
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_a_buffer_the_caller_reuses_right_after_submit_does_not_change_the_map_sent(
+    local_stack: Stack, dtype: str
+) -> None:
+    # Given a publisher that waits 2 s for a fuller message before packing what it holds
+    settings = local_stack.settings.model_copy(update={"publish_linger_s": 2.0, "batch_size": 64})
+    rng = np.random.default_rng(11)
+    first = rng.integers(0, 256, (24, 40), dtype=np.uint8)
+    buffer = first.copy() if dtype == "uint8" else (first / 255).astype(np.float32)
+    expected = colorize(buffer)
+    with Producer(settings) as producer:
+        # When the loop overwrites its buffer with the next map as soon as submit returns
+        handle = producer.submit(f"reused/{dtype}", buffer)
+        buffer[...] = buffer[::-1]
+        result = producer.collect([handle], timeout=60)[0]
+    # Then the map stored is the one submitted
+    assert result.ok, result.error
+    np.testing.assert_array_equal(decode(result.locator), expected)

@@ -38,8 +38,12 @@ def test_every_name_in_dunder_all_exists() -> None:
 
 def test_float_maps_are_sent_quantized_by_default_a_quarter_of_the_bytes(tmp_path) -> None:
     cam = np.random.default_rng(0).random((224, 224), dtype=np.float32)
-    quantized = Producer(Settings(home=tmp_path))._pack("a", cam, None, "jet", True)[1]
-    raw = Producer(Settings(home=tmp_path, quantize=False))._pack("a", cam, None, "jet", True)[1]
+
+    def packed(producer: Producer) -> bytes:
+        return producer._pack(producer._prepare("a", cam, None, "jet", True)[1])
+
+    quantized = packed(Producer(Settings(home=tmp_path)))
+    raw = packed(Producer(Settings(home=tmp_path, quantize=False)))
     decoded = decode_map(quantized, max_pixels=10**6, max_message_bytes=10**7)
     assert decoded.array.dtype == np.uint8
     np.testing.assert_array_equal(decoded.array, np.rint(cam * 255).astype(np.uint8))
