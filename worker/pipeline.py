@@ -77,7 +77,7 @@ class Pipeline:
     """Renders maps one after another and stores them ``upload_threads`` at a time.
 
     A PUT is mostly waiting on the network: with threads the next map renders meanwhile,
-    instead of the process idling for each upload.
+    instead of the process idling for each upload. A local write is not: it is done in turn.
     """
 
     def __init__(self, settings: Settings, location: StorageLocation, upload_threads: int = 4) -> None:
@@ -110,6 +110,8 @@ class Pipeline:
             rendered = self._render(payload)
             if isinstance(rendered, Failed):
                 yield rendered
+            elif not self.location.storage.waits_on_network:
+                yield self._store(rendered)
             else:
                 pending.add(self._uploads.submit(self._store, rendered))
         yield from (future.result() for future in as_completed(pending))

@@ -38,6 +38,9 @@ class StoredObject:
 
 
 class Storage(Protocol):
+    # Whether a PUT mostly waits (on a network): worth a thread, so the next map renders meanwhile.
+    waits_on_network: bool
+
     def put(self, key: str, data: bytes) -> StoredObject: ...
 
     def locator(self, key: str) -> str: ...
@@ -45,6 +48,8 @@ class Storage(Protocol):
 
 class FileStorage:
     """A local folder; ``file://`` locators. Writes are atomic: a reader never sees half a PNG."""
+
+    waits_on_network = False  # a few system calls: cheaper than handing the PNG to a thread
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
@@ -112,6 +117,8 @@ class FileStorage:
 
 class S3Storage:
     """An S3 bucket and prefix; ``s3://bucket/key`` locators."""
+
+    waits_on_network = True
 
     def __init__(self, client: S3Client, bucket: str, server_side_encryption: str | None = None) -> None:
         self.client = client
