@@ -1,13 +1,12 @@
 """Colorize an activation map with a colormap LUT and encode it as an 8-bit palette PNG.
 
-Numpy, ISA-L's deflate (isal) and zlib's crc32 only: no Celery, boto3 or Redis (not even Pillow),
+Numpy and ISA-L (isal: deflate, CRC-32) only: no Celery, boto3 or Redis (not even Pillow),
 so rendering is tested and timed on its own.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from functools import cache
 
 import numpy as np
@@ -75,15 +74,20 @@ def render_png(
 def _sub_filtered_scanlines(intensities: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """The PNG image data before deflate: per row, filter byte 1 (Sub), then each index minus its left one."""
     height, width = intensities.shape
+    flat = intensities.reshape(-1)
+    # One pass over the whole map as a flat array (per-row slices cost ~50% more at 224²),
+    # then each row's first index put back: it has no left neighbour. uint8 wraps mod 256.
+    differences = np.empty(height * width, dtype=np.uint8)
+    np.subtract(flat[1:], flat[:-1], out=differences[1:])
+    differences[::width] = flat[::width]
     rows = np.empty((height, width + 1), dtype=np.uint8)
     rows[:, 0] = _FILTER_SUB
-    rows[:, 1] = intensities[:, 0]
-    np.subtract(intensities[:, 1:], intensities[:, :-1], out=rows[:, 2:])  # uint8 wraps mod 256
+    rows[:, 1:] = differences.reshape(height, width)
     return rows
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(data, zlib.crc32(kind))
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))  # the same CRC-32 as zlib's, ~4x faster
     return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
 
 
