@@ -19,6 +19,7 @@ def test_each_queue_is_served_by_its_own_workers_and_one_worker_can_serve_severa
         "ACTMAP_BROKER_URL": module_redis.url(6),
         "ACTMAP_RESULT_BACKEND": module_redis.url(7),
         "ACTMAP_STORAGE_URL": f"file://{tmp_path / 'maps'}",
+        "ACTMAP_LOG_EACH_MAP": "true",  # the "stored" lines tell which worker stored which map
     }
     urgent = Stack(env={**base, "ACTMAP_QUEUE": "urgent"}, log_dir=tmp_path)
     backfill = Stack(env={**base, "ACTMAP_QUEUE": "backfill"}, log_dir=tmp_path)

@@ -366,8 +366,10 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
     private_redis: RedisServer, tmp_path: Path, report: Report
 ) -> None:
     # Given three workers, and a visibility timeout (600 s) far beyond the collect timeout: a map
-    # can only come back through reject_on_worker_lost, never through the broker's sweep
-    stack = make_stack(private_redis, tmp_path, ACTMAP_VISIBILITY_TIMEOUT_S="600")
+    # can only come back through reject_on_worker_lost, never through the broker's sweep; and
+    # 64 maps per message, so that a pool process caught running is most likely inside a task
+    # (at 8, a task took a few ms and most kills landed between two)
+    stack = make_stack(private_redis, tmp_path, ACTMAP_VISIBILITY_TIMEOUT_S="600", ACTMAP_BATCH_SIZE="64")
     kill_points = (600, 1400, 2200, 3000)
 
     def kill_pool_processes(watch: ResultWatch, broker: redis.Redis) -> list[Kill]:
@@ -385,7 +387,9 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
                 kill = Kill(time.monotonic(), f"{worker.name} pool pid {pid}", held)
                 kill.unfinished = {rid for _, ids in held.values() for rid in ids} - set(watch.first_seen)
                 kills.append(kill)
-                if wait_until(lambda w=worker, b=lost_before: w.log().count(WORKER_LOST) > b, timeout_s=2.0):
+                # Celery logs the lost task within milliseconds: a short wait keeps the attempts
+                # within the run (4,000 maps take ~12 s), not after its end.
+                if wait_until(lambda w=worker, b=lost_before: w.log().count(WORKER_LOST) > b, timeout_s=0.5):
                     break
         return kills
 
