@@ -7,7 +7,7 @@ its own, wall clock and CPU time of the calling thread, map after map (stages in
   decode   decode_map: inflate, msgpack, validation; result id and object key
   render   render_png at ``png_compress_level`` (ISA-L)
   store    FileStorage.put into a temporary folder, and S3Storage.put to a private SeaweedFS
-  log      the pipeline's one INFO line per map, through Celery's worker logging setup to a file
+  log      the INFO line per map of ACTMAP_LOG_EACH_MAP, through Celery's worker logging to a file
   metrics  the Prometheus updates pipeline and task make per map (in memory: no --metrics-port)
   result   ResultStore.succeeded (one SET) and Celery's backend.mark_as_done (GET, then SET +
            PUBLISH), on a private redis-server; and, for comparison, one pipelined round trip of
@@ -181,7 +181,7 @@ def _profile_stages(
         stages["store S3"] = (Stage(), "S3Storage.put to SeaweedFS on loopback (boto3, Content-MD5)")
     if s3_lean is not None:
         stages["store S3, no CRC32"] = (Stage(), "same, boto3 request_checksum_calculation=when_required")
-    stages["log"] = (Stage(), "the pipeline's INFO line per map, Celery's handler, to a file")
+    stages["log"] = (Stage(), "ACTMAP_LOG_EACH_MAP's INFO line per map, Celery's handler, to a file")
     if metrics is not None:
         stages["metrics"] = (Stage(), "worker.metrics per map: 3 histogram observations, 2 counters")
     if result_store is not None:
