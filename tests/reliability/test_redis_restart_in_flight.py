@@ -24,6 +24,7 @@ from tests.reliability.test_s3_faults import (
     audit,
     collect_all,
     fault_stack,
+    report_audit,
     smooth_map,
     start_proxy,
     stored_objects,
@@ -102,16 +103,14 @@ def test_a_task_finishing_after_redis_restarted_is_acknowledged_later_by_redeliv
     log = worker.log()
     figures = audit(results, expected, objects, fs.bucket)
     runs = executions(log, SCENARIO)
-    report(
-        scenario="Redis SIGKILL + start, task in flight",
+    report_audit(
+        report,
+        "Redis SIGKILL + start, task in flight",
+        figures,
+        objects=len(objects),
         maps=MAPS,
         faults=1,
         retries=sum(runs.values()) - MAPS,
-        objects=len(objects),
-        results=figures.ok + figures.failed,
-        failed=figures.failed,
-        lost=figures.lost,
-        corrupted=figures.corrupted,
         elapsed_s=elapsed,
     )
     print(f"\ntimes stored per map: {dict(runs)}; {elapsed:.1f} s; left unacknowledged: {left}")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -25,6 +25,7 @@ import pytest
 from producer import CollectTimeoutError, MapResult
 from producer.keys import object_key
 from tests.integration.conftest import Stack
+from tests.reliability.test_worker_death import Report
 from tests.support.fault_proxy import FaultProxy, ProxyStats
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedS3
@@ -125,6 +126,19 @@ class Audit:
     stray: int = 0  # objects under no expected key
 
 
+def report_audit(report: Report, scenario: str, figures: Audit, *, objects: int, **row: Any) -> None:
+    """Add a scenario's row to the reliability table, its result counts taken from ``figures``."""
+    report(
+        scenario=scenario,
+        objects=objects,
+        results=figures.ok + figures.failed,
+        failed=figures.failed,
+        lost=figures.lost,
+        corrupted=figures.corrupted,
+        **row,
+    )
+
+
 class FaultRun(NamedTuple):
     expected: dict[str, bytes]  # image id -> the PNG render_png makes
     results: list[MapResult]
@@ -200,16 +214,14 @@ def test_with_30_percent_of_s3_requests_faulted_every_map_is_stored_once_byte_fo
         _, results, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=200)
         map_retries = log_count(fs.stack, r"will be retried")
         task_retries = log_count(fs.stack, r"retrying \d+ map\(s\)")
-    report(
-        scenario="S3 30% faults",
+    report_audit(
+        report,
+        "S3 30% faults",
+        figures,
+        objects=len(objects),
         maps=len(maps),
         faults=stats.faults_total,
         retries=stats.by_method["PUT"] - len(maps),
-        objects=len(objects),
-        results=figures.ok + figures.failed,
-        failed=figures.failed,
-        lost=figures.lost,
-        corrupted=figures.corrupted,
         elapsed_s=elapsed,
     )
     print(
@@ -264,16 +276,14 @@ def test_with_every_s3_request_faulted_each_map_fails_naming_the_cause_and_the_w
             after = collect_all(fs.stack, producer.run_id, ["down/after"], timeout=60)[0]
         recovery = time.monotonic() - healed
         after_objects = stored_objects(s3_server, fs.bucket)
-    report(
-        scenario="S3 100% faults",
+    report_audit(
+        report,
+        "S3 100% faults",
+        figures,
+        objects=len(objects),
         maps=len(maps),
         faults=stats.faults_total,
         retries=stats.by_method["PUT"] - len(maps),
-        objects=len(objects),
-        results=figures.ok + figures.failed,
-        failed=figures.failed,
-        lost=figures.lost,
-        corrupted=figures.corrupted,
         elapsed_s=elapsed,
         recovery_s=recovery,
     )
@@ -323,26 +333,22 @@ def test_a_bit_flipped_upload_is_refused_with_bad_digest_and_never_stored_and_a_
         recovery = time.monotonic() - healed
         clean_objects = stored_objects(s3_server, fs.bucket)
         clean_figures = audit(clean, expected, clean_objects, fs.bucket)
-    report(
-        scenario="S3 bit flips 100%",
+    report_audit(
+        report,
+        "S3 bit flips 100%",
+        figures,
+        objects=len(objects),
         maps=len(maps),
         faults=flipped.faults_total,
         retries=flipped.by_method["PUT"] - len(maps),
-        objects=len(objects),
-        results=figures.ok + figures.failed,
-        failed=figures.failed,
-        lost=figures.lost,
-        corrupted=figures.corrupted,
         elapsed_s=elapsed,
     )
-    report(
-        scenario="S3 bit flips, then 0%",
-        maps=len(maps),
+    report_audit(
+        report,
+        "S3 bit flips, then 0%",
+        clean_figures,
         objects=len(clean_objects),
-        results=clean_figures.ok + clean_figures.failed,
-        failed=clean_figures.failed,
-        lost=clean_figures.lost,
-        corrupted=clean_figures.corrupted,
+        maps=len(maps),
         recovery_s=recovery,
     )
     # Then the server refused every corrupted body, nothing was stored, and each map failed naming it
@@ -388,16 +394,14 @@ def test_a_batch_slowed_by_s3_throttling_is_processed_once_not_again_by_a_second
         _, _, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=120)
         for worker in fs.stack.workers:
             worker.kill()  # a duplicate may still be backing off; a warm shutdown would wait for it
-    report(
-        scenario="S3 SlowDown, batch > visibility",
+    report_audit(
+        report,
+        "S3 SlowDown, batch > visibility",
+        figures,
+        objects=len(objects),
         maps=len(maps),
         faults=stats.faults_total,
         retries=stats.by_method["PUT"] - len(maps),
-        objects=len(objects),
-        results=figures.ok + figures.failed,
-        failed=figures.failed,
-        lost=figures.lost,
-        corrupted=figures.corrupted,
         elapsed_s=elapsed,
     )
     print(
