@@ -41,7 +41,7 @@ VERSION = 1
 COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray")
 DTYPES: tuple[str, ...] = ("uint8", "float16", "float32", "float64")
 _FIELDS = {"v", "run", "id", "name", "dtype", "shape", "data", "colormap", "fade"}
-MAX_COMPRESS_LEVEL = 3  # ISA-L's levels are 0-3; 0 here means not compressed
+MAX_COMPRESS_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's 0-3; 0 here means not compressed
 # isal's stubs declare its error an instance; it is an exception class (igzip_lib.IsalError).
 _INFLATE_ERRORS = (cast(type[Exception], isal_zlib.error), zlib.error)
 

@@ -19,7 +19,7 @@ from worker.colormaps import lut
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _FILTER_SUB = 1  # PNG filter type 1: each byte minus the byte to its left, mod 256
 _MAX_IDAT_BYTES = 1 << 30  # a chunk's length must stay below 2**31; real maps need one IDAT
-MAX_COMPRESS_LEVEL = 3  # ISA-L's levels are 0-3
+MAX_COMPRESS_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's levels are 0-3
 
 
 def colorize(
