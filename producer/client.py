@@ -35,7 +35,7 @@ from producer.redelivery import UNACKED_KEY, LostMapRedelivery
 from producer.result_poller import poll_results
 from producer.results import MapResult
 from producer.settings import Settings
-from producer.wire import MapMessage, compress_map, encode_map, validate_colormap
+from producer.wire import MapMessage, pack_map, validate_colormap
 
 log = logging.getLogger("actmap.producer")
 
@@ -171,13 +171,13 @@ class Producer:
         )
 
     def _publish(self, outgoing: Sequence[Outgoing]) -> None:
-        """Pack, compress and send maps in one Celery message (the publisher thread's work)."""
+        """Pack and send maps in one Celery message (the publisher thread's work)."""
         payloads = [item if isinstance(item, bytes) else self._pack(item) for item in outgoing]
         timeout = self.settings.publish_timeout_s
         try:
             self._app.send_task(
                 TASK_NAME,
-                args=[[compress_map(p, self.settings.wire_compress_level) for p in payloads]],
+                args=[payloads],
                 # What Flower and the logs show for the arguments; Celery's own repr of megabytes
                 # of map bytes would cost more than the rest of the publish.
                 argsrepr=f"[<{len(payloads)} map message(s)>]",
@@ -200,7 +200,12 @@ class Producer:
             ) from exc
 
     def _pack(self, message: MapMessage) -> bytes:
-        payload = encode_map(message)
+        payload = pack_map(
+            message,
+            version=self.settings.wire_version,
+            png_level=self.settings.png_compress_level,
+            compress_level=self.settings.wire_compress_level,
+        )
         if self._redelivery is not None:
             self._redelivery.remember(result_id(message.run_id, message.image_id, message.name), payload)
         return payload

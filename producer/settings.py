@@ -61,8 +61,15 @@ class Settings(BaseSettings):
         2,
         ge=0,
         le=isal_zlib.ISAL_BEST_COMPRESSION,
-        description="ISA-L deflate level (1-3) of map messages on the wire (0: off), off the caller's "
-        "thread: 2 packs like zlib's 1, 3.5x faster.",
+        description="ISA-L deflate level (1-3) of version 1 map messages on the wire (0: off), off the "
+        "caller's thread: 2 packs like zlib's 1, 3.5x faster.",
+    )
+    wire_version: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="Map message version the producer sends: 2 carries uint8 maps as deflated PNG "
+        "scanlines (half the bytes, no deflate on the worker); 1 while older workers, which refuse 2, run.",
     )
     publish_timeout_s: float = Field(
         10.0, gt=0, description="How long a publish retries an unreachable broker."
@@ -92,8 +99,8 @@ class Settings(BaseSettings):
         1,
         ge=0,
         le=isal_zlib.ISAL_BEST_COMPRESSION,
-        description="ISA-L deflate level (0-3) of the PNG encoder: 1 is about as fast as 0 "
-        "and a fifth smaller.",
+        description="ISA-L deflate level (0-3) of the PNG: 1 is about as fast as 0 and a fifth smaller. "
+        "Maps sent as scanlines (wire version 2) are deflated by the producer, at its own setting.",
     )
 
     upload_threads: int = Field(4, ge=1, le=64, description="PUTs in flight per worker process.")

@@ -12,11 +12,25 @@ A map message is a msgpack map with these fields (version 1)::
     colormap  str    "jet", "viridis", "inferno", "magma", "plasma", "turbo" or "gray"
     fade      bool   fade_low_activation
 
+Version 2 carries a uint8 map as a PNG's image data instead of ``dtype`` and ``data``::
+
+    v          int    2
+    shape      [int]  [h, w]
+    scanlines  bin    a zlib stream of h rows of 1 + w bytes: a PNG filter type, 0 (None) or
+                      1 (Sub), then the row's intensities so filtered (producer.scanlines)
+
+with run, id, name, colormap and fade as in version 1. A smooth map Sub-filtered deflates to
+about half the bytes of the same map deflated as it is, and the worker stores the stream as
+the PNG's IDAT without deflating it again. The Python producer sends version 2 for every
+map that is uint8 once quantized, deflated by ISA-L at ``ACTMAP_PNG_COMPRESS_LEVEL``
+(``ACTMAP_WIRE_VERSION=1`` keeps version 1, for workers of releases that refuse version 2).
+
 A Celery task message carries a list of these as binary strings, so a batch of maps
 costs one broker message and each map stays decodable (and fuzzable) on its own. Each may
 be sent as a zlib stream (RFC 1950) of the msgpack bytes instead: a msgpack map begins with
 a byte 0x80-0x8f, 0xde or 0xdf, a zlib stream with 0x78, so the first byte tells which.
-Smooth maps deflate about 4x, which is 4x less for the broker to carry and encode. Any zlib
+The producer does so for version 1 (smooth maps deflate about 4x, which is 4x less for the
+broker to carry and encode), not for version 2, whose bulk is deflated already. Any zlib
 stream is read, whatever wrote it; actmap writes it with ISA-L (isal), at its default level 2
 ~3.5x faster than zlib's level 1 for the same bytes, and inflates with ISA-L, ~2x faster.
 """
@@ -26,7 +40,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import msgpack
@@ -35,13 +49,21 @@ from isal import isal_zlib
 
 from producer.errors import ActmapError, InvalidMapError, WireFormatError
 from producer.keys import validate_image_id, validate_map_name
+from producer.scanlines import FILTERS, Scanlines
 
-VERSION = 1
+ARRAY_VERSION = 1  # the map's own bytes, any dtype
+SCANLINES_VERSION = 2  # a uint8 map as deflated PNG scanlines
+VERSIONS = (ARRAY_VERSION, SCANLINES_VERSION)
 # worker.colormaps.COLORMAP_NAMES, repeated so the producer validates without importing the worker.
 COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray")
 DTYPES: tuple[str, ...] = ("uint8", "float16", "float32", "float64")
-_FIELDS = {"v", "run", "id", "name", "dtype", "shape", "data", "colormap", "fade"}
+_COMMON_FIELDS = {"v", "run", "id", "name", "shape", "colormap", "fade"}
+_FIELDS = {
+    ARRAY_VERSION: _COMMON_FIELDS | {"dtype", "data"},
+    SCANLINES_VERSION: _COMMON_FIELDS | {"scanlines"},
+}
 MAX_COMPRESS_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's 0-3; 0 here means not compressed
+_MAX_CINFO = 7  # a zlib header's largest window, 2**(7 + 8) = 32 KiB
 # isal's stubs declare its error an instance; it is an exception class (igzip_lib.IsalError).
 _INFLATE_ERRORS = (cast(type[Exception], isal_zlib.error), zlib.error)
 
@@ -51,7 +73,7 @@ class MapMessage:
     run_id: str
     image_id: str
     name: str | None
-    array: np.ndarray
+    array: np.ndarray | Scanlines  # Scanlines: a version 2 message's uint8 map
     colormap: str = "jet"
     fade_low_activation: bool = True
 
@@ -71,14 +93,31 @@ def validate_colormap(colormap: object) -> str:
 
 
 def encode_map(message: MapMessage) -> bytes:
-    """Pack a map message. The array must already be a valid map (see producer.intensity)."""
+    """Pack a map message: version 2 if its array is Scanlines, else version 1.
+
+    The array must already be a valid map (see producer.intensity).
+    """
     array = message.array
+    if isinstance(array, Scanlines):
+        return msgpack.packb(
+            {
+                "v": SCANLINES_VERSION,
+                "run": message.run_id,
+                "id": message.image_id,
+                "name": message.name,
+                "shape": list(array.shape),
+                "scanlines": array.stream,
+                "colormap": message.colormap,
+                "fade": message.fade_low_activation,
+            },
+            use_bin_type=True,
+        )
     if array.dtype.name not in DTYPES:
         raise InvalidMapError(f"dtype {array.dtype} cannot be sent; expected one of {', '.join(DTYPES)}")
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     fields = {
-        "v": VERSION,
+        "v": ARRAY_VERSION,
         "run": message.run_id,
         "id": message.image_id,
         "name": message.name,
@@ -91,13 +130,29 @@ def encode_map(message: MapMessage) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
+def pack_map(message: MapMessage, *, version: int, png_level: int, compress_level: int) -> bytes:
+    """The bytes a producer sends for a map: version 2 if ``version`` is 2 and the map is uint8,
+    its scanlines deflated at ``png_level``; else version 1, compressed at ``compress_level``."""
+    array = message.array
+    _check_level("wire compress level", compress_level, "0 (off)")
+    _check_level("PNG compress level", png_level, "0")
+    if version == SCANLINES_VERSION and isinstance(array, np.ndarray) and array.dtype == np.uint8:
+        intensities = array.reshape(array.shape[:2])  # [h, w, 1] is [h, w] with the same bytes
+        return encode_map(replace(message, array=Scanlines.deflate(intensities, png_level)))
+    return compress_map(encode_map(message), compress_level)
+
+
 def compress_map(payload: bytes, level: int) -> bytes:
     """The zlib form of a packed map message, deflated by ISA-L at ``level`` 1-3; 0 leaves it as it is."""
+    _check_level("wire compress level", level, "0 (off)")
+    return isal_zlib.compress(payload, level) if level > 0 else payload
+
+
+def _check_level(what: str, level: object, lowest: str) -> None:
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_COMPRESS_LEVEL:
         raise ValueError(
-            f"wire compress level is {level!r}; expected an int from 0 (off) to {MAX_COMPRESS_LEVEL} (ISA-L)"
+            f"{what} is {level!r}; expected an int from {lowest} to {MAX_COMPRESS_LEVEL} (ISA-L)"
         )
-    return isal_zlib.compress(payload, level) if level > 0 else payload
 
 
 def _inflate(payload: bytes | bytearray | memoryview, max_message_bytes: int) -> bytes:
@@ -147,9 +202,12 @@ def _identity(fields: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
 
 def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMessage:
     version = fields.get("v")
-    if type(version) is not int or version != VERSION:  # not True, not 1.0
-        raise WireFormatError(f"map message version is {version!r}; this worker reads version {VERSION}")
-    missing = _FIELDS - set(fields)
+    if type(version) is not int or version not in VERSIONS:  # not True, not 1.0
+        raise WireFormatError(
+            f"map message version is {version!r}; this worker reads versions "
+            f"{' and '.join(map(str, VERSIONS))}"
+        )
+    missing = _FIELDS[version] - set(fields)
     if missing:
         raise WireFormatError(f"map message lacks field(s) {', '.join(sorted(missing))}")
     run = _typed(fields, "run", str)
@@ -157,6 +215,11 @@ def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMe
     name = validate_map_name(fields["name"])
     colormap = validate_colormap(fields["colormap"])
     fade = _typed(fields, "fade", bool)
+    array = _array(fields, max_pixels) if version == ARRAY_VERSION else _scanlines(fields, max_pixels)
+    return MapMessage(run, image_id, name, array, colormap, fade)
+
+
+def _array(fields: Mapping[Any, Any], max_pixels: int) -> np.ndarray:
     dtype_name = _typed(fields, "dtype", str)
     if dtype_name not in DTYPES:
         raise InvalidMapError(f"map dtype is {dtype_name!r}; expected one of {', '.join(DTYPES)}")
@@ -168,8 +231,50 @@ def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMe
         raise WireFormatError(
             f"map data is {len(data)} bytes; shape {list(shape)} of {dtype_name} needs {expected}"
         )
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    return MapMessage(run, image_id, name, array, colormap, fade)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _scanlines(fields: Mapping[Any, Any], max_pixels: int) -> Scanlines:
+    """Check a version 2 map's scanlines in full: the worker stores them as the PNG's IDAT."""
+    shape = fields["shape"]
+    if isinstance(shape, list | tuple) and len(shape) != 2:
+        raise WireFormatError(f"map shape of a version 2 message must be [h, w], received {shape!r}")
+    height, width = _shape(shape, max_pixels)
+    stream = _typed(fields, "scanlines", bytes)
+    expected = height * (width + 1)
+    what = f"shape {[height, width]} needs {height} rows of 1 + {width} bytes, {expected}"
+    # ISA-L also inflates headers declaring a window over 32 KiB, which zlib, libpng and every
+    # PNG reader refuse (RFC 1950: CINFO <= 7): such a stream would make an unreadable PNG.
+    if stream[:1] and stream[0] >> 4 > _MAX_CINFO:
+        raise WireFormatError(
+            f"map scanlines are not a valid zlib stream for a PNG (header CMF 0x{stream[0]:02x}: a window "
+            "over 32 KiB); expected a window of at most 32 KiB, as RFC 1950 and PNG require"
+        )
+    inflater = isal_zlib.decompressobj()
+    try:
+        data = inflater.decompress(stream, expected + 1)  # bounded: a bomb stops one byte past the map
+    except _INFLATE_ERRORS as exc:
+        raise WireFormatError(f"map scanlines are not a valid zlib stream ({exc})") from exc
+    if len(data) > expected or inflater.unconsumed_tail:
+        raise WireFormatError(f"map scanlines inflate to over {expected} bytes; {what}")
+    if not inflater.eof:
+        raise WireFormatError(
+            f"map scanlines are a truncated zlib stream ({len(data)} bytes inflated); {what}"
+        )
+    if len(data) < expected:
+        raise WireFormatError(f"map scanlines inflate to {len(data)} bytes; {what}")
+    if inflater.unused_data:
+        raise WireFormatError(
+            f"map scanlines have {len(inflater.unused_data)} bytes after their zlib stream; expected none"
+        )
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(height, width + 1)
+    unknown = np.flatnonzero(rows[:, 0] > max(FILTERS))  # None and Sub are 0 and 1
+    if unknown.size:
+        row = int(unknown[0])
+        raise WireFormatError(
+            f"map scanline {row} has filter type {rows[row, 0]}; expected 0 (None) or 1 (Sub)"
+        )
+    return Scanlines(rows, stream)
 
 
 def _typed(fields: Mapping[Any, Any], key: str, kind: type[Any]) -> Any:

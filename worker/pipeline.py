@@ -16,10 +16,11 @@ from typing import Any
 from producer.errors import PermanentError, TransientError
 from producer.keys import object_key, result_id
 from producer.results import success_result
+from producer.scanlines import Scanlines
 from producer.settings import Settings
 from producer.wire import MapDecodeError, decode_map
 from worker import metrics
-from worker.render import render_png
+from worker.render import png_from_scanlines, render_png
 from worker.storage import StorageLocation
 
 log = logging.getLogger("actmap.worker")
@@ -130,12 +131,15 @@ class Pipeline:
             return Failed(rid, exc)
         rid = result_id(message.run_id, message.image_id, message.name)
         try:
-            png = render_png(
-                message.array,
-                message.colormap,
-                message.fade_low_activation,
-                compress_level=self.settings.png_compress_level,
-            )
+            if isinstance(message.array, Scanlines):  # deflated by the producer: the PNG's IDAT
+                png = png_from_scanlines(message.array, message.colormap, message.fade_low_activation)
+            else:
+                png = render_png(
+                    message.array,
+                    message.colormap,
+                    message.fade_low_activation,
+                    compress_level=self.settings.png_compress_level,
+                )
             key = object_key(self.location.prefix, message.image_id, message.name)
         except Exception as exc:
             return self._failed(rid, message.image_id, exc)

@@ -14,10 +14,10 @@ import numpy.typing as npt
 from isal import isal_zlib
 
 from producer.intensity import to_intensities
+from producer.scanlines import Scanlines, sub_filtered
 from worker.colormaps import lut
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_FILTER_SUB = 1  # PNG filter type 1: each byte minus the byte to its left, mod 256
 _MAX_IDAT_BYTES = 1 << 30  # a chunk's length must stay below 2**31; real maps need one IDAT
 MAX_COMPRESS_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's levels are 0-3
 
@@ -64,26 +64,28 @@ def render_png(
     intensities = to_intensities(activation_map)
     height, width = intensities.shape
     # The filtered scanlines are the only copy of the map; ISA-L reads them through the buffer protocol.
-    idat = isal_zlib.compress(_sub_filtered_scanlines(intensities).data, compress_level)
+    idat = isal_zlib.compress(sub_filtered(intensities).data, compress_level)
+    return _png(width, height, palette, idat)
+
+
+def png_from_scanlines(
+    scanlines: Scanlines, colormap: str = "jet", fade_low_activation: bool = True
+) -> bytes:
+    """Return the palette PNG of a map that came as deflated scanlines (wire version 2).
+
+    The scanlines' zlib stream, checked by the wire format, becomes the IDAT as it is: the same
+    PNG as ``render_png`` of the map at the level the producer deflated it, with no deflate here.
+    """
+    lut(colormap, fade_low_activation)  # refuses unknown colormaps and non-bool fades first
+    palette = _palette_chunks(colormap, bool(fade_low_activation))
+    return _png(scanlines.width, scanlines.height, palette, scanlines.stream)
+
+
+def _png(width: int, height: int, palette: bytes, idat: bytes) -> bytes:
     parts = [_PNG_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)), palette]
     parts += [_chunk(b"IDAT", idat[i : i + _MAX_IDAT_BYTES]) for i in range(0, len(idat), _MAX_IDAT_BYTES)]
     parts.append(_IEND)
     return b"".join(parts)
-
-
-def _sub_filtered_scanlines(intensities: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """The PNG image data before deflate: per row, filter byte 1 (Sub), then each index minus its left one."""
-    height, width = intensities.shape
-    flat = intensities.reshape(-1)
-    # One pass over the whole map as a flat array (per-row slices cost ~50% more at 224²),
-    # then each row's first index put back: it has no left neighbour. uint8 wraps mod 256.
-    differences = np.empty(height * width, dtype=np.uint8)
-    np.subtract(flat[1:], flat[:-1], out=differences[1:])
-    differences[::width] = flat[::width]
-    rows = np.empty((height, width + 1), dtype=np.uint8)
-    rows[:, 0] = _FILTER_SUB
-    rows[:, 1:] = differences.reshape(height, width)
-    return rows
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -17,11 +17,19 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import redis
 from PIL import Image
 
 from tests.integration.conftest import Stack
 from tests.support.redis_server import RedisServer
 from worker.render import colorize
+
+
+def png_idat(png: bytes) -> bytes:
+    """The IDAT payload of a PNG written in one IDAT chunk (all of actmap's maps below 1 GiB)."""
+    start = png.index(b"IDAT")
+    length = int.from_bytes(png[start - 4 : start], "big")
+    return png[start + 4 : start + 4 + length]
 
 
 def map_message(run: str, image_id: str, array: np.ndarray, name: str | None = None) -> bytes:
@@ -101,14 +109,7 @@ def test_maps_sent_with_only_redis_and_msgpack_are_rendered_and_their_results_re
     broker.lpush("actmap", task_envelope(messages[2:]))
     # Then each map's result appears under the documented key, and its PNG is right
     keys = [f"celery-task-meta-{result_id(run, i, n)}" for i, n in arrays]
-    backend = module_redis.client(1)
-    values: list[bytes | None] = [None]
-    for _ in range(600):  # up to a minute, in polls of 0.1 s
-        values = backend.mget(keys)
-        if all(values):
-            break
-        time.sleep(0.1)
-    assert all(values), f"results missing: {[k for k, v in zip(keys, values, strict=True) if not v]}"
+    values = wait_for_results(module_redis.client(1), keys)
     for ((image_id, name), array), raw in zip(arrays.items(), values, strict=True):
         meta = msgpack.unpackb(raw, raw=False)
         assert meta["status"] == "SUCCESS", meta
@@ -119,3 +120,56 @@ def test_maps_sent_with_only_redis_and_msgpack_are_rendered_and_their_results_re
         np.testing.assert_array_equal(
             np.asarray(png.convert("RGBA")), colorize(array.astype(array.dtype.newbyteorder("=")))
         )
+
+
+def scanlines_message(run: str, image_id: str, stream: bytes, shape: tuple[int, int]) -> bytes:
+    return msgpack.packb(
+        {
+            "v": 2,
+            "run": run,
+            "id": image_id,
+            "name": None,
+            "shape": list(shape),
+            "scanlines": stream,
+            "colormap": "jet",
+            "fade": True,
+        },
+        use_bin_type=True,
+    )
+
+
+def wait_for_results(backend: redis.Redis, keys: list[str]) -> list[bytes]:
+    values: list[bytes | None] = [None]
+    for _ in range(600):  # up to a minute, in polls of 0.1 s
+        values = backend.mget(keys)
+        if all(values):
+            break
+        time.sleep(0.1)
+    assert all(values), f"results missing: {[k for k, v in zip(keys, values, strict=True) if not v]}"
+    return [v for v in values if v is not None]
+
+
+def test_a_version_2_map_filtered_and_deflated_by_hand_is_stored_with_that_stream_as_its_idat(
+    local_stack: Stack, module_redis: RedisServer
+) -> None:
+    # Given a map as PNG scanlines: even rows unfiltered, odd rows Sub-filtered, by zlib level 9
+    array = np.random.default_rng(7).integers(0, 256, (13, 11), dtype=np.uint8)
+    rows = np.zeros((13, 12), dtype=np.uint8)
+    rows[:, 1:] = array
+    rows[1::2, 0] = 1
+    rows[1::2, 2:] = np.diff(array[1::2], axis=1)  # uint8: mod 256, as PNG's Sub filter
+    stream = zlib.compress(rows.tobytes(), 9)
+    run = "foreign-run-2"
+    # When it is pushed onto the queue as docs/wire-format.md describes version 2
+    module_redis.client(0).lpush(
+        "actmap", task_envelope([scanlines_message(run, "cpp/scanlines", stream, array.shape)])
+    )
+    # Then its PNG decodes to the colorized map, and its IDAT is the very stream sent
+    [raw] = wait_for_results(
+        module_redis.client(1), [f"celery-task-meta-{result_id(run, 'cpp/scanlines', None)}"]
+    )
+    meta = msgpack.unpackb(raw, raw=False)
+    assert meta["status"] == "SUCCESS", meta
+    png = Path(meta["result"]["locator"].removeprefix("file://")).read_bytes()
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")), colorize(array))
+    assert png_idat(png) == stream

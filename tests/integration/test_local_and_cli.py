@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -172,3 +173,22 @@ def test_a_buffer_the_caller_reuses_right_after_submit_does_not_change_the_map_s
     # Then the map stored is the one submitted
     assert result.ok, result.error
     np.testing.assert_array_equal(decode(result.locator), expected)
+
+
+def test_a_producer_still_on_wire_version_1_gets_the_same_png_as_one_on_version_2(local_stack: Stack) -> None:
+    # Given the same maps from a producer on version 1 (as before version 2) and one on the default
+    rng = np.random.default_rng(8)
+    maps = [rng.random((48, 40), dtype=np.float32), rng.integers(0, 256, (30, 20), dtype=np.uint8)]
+    pngs: dict[int, list[bytes]] = {}
+    for version in (1, 2):
+        settings = local_stack.settings.model_copy(update={"wire_version": version})
+        # When each submits them under its own image ids and collects
+        with Producer(settings) as producer:
+            handles = [producer.submit(f"v{version}/map-{i}", cam) for i, cam in enumerate(maps)]
+            results = producer.collect(handles, timeout=60)
+        assert all(r.locator for r in results), [r.error for r in results]
+        pngs[version] = [Path(r.locator.removeprefix("file://")).read_bytes() for r in results if r.locator]
+    # Then the PNGs are byte for byte the same: the worker deflated them at the level the producer did
+    assert pngs[1] == pngs[2]
+    for cam, png in zip(maps, pngs[2], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")), colorize(cam))

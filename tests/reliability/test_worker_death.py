@@ -65,6 +65,16 @@ def cam(index: int) -> np.ndarray:
     return np.random.default_rng(index).random(SHAPE, dtype=np.float32)
 
 
+_GRID = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]] / np.array(SHAPE).reshape(2, 1, 1)
+
+
+def smooth_cam(index: int) -> np.ndarray:
+    """Map ``index`` as a smooth, Grad-CAM-like blob (7 KB on the wire where ``cam`` is 50 KB)."""
+    y, x, width = np.random.default_rng(index).uniform(0.2, 0.8, 3)
+    blob = np.exp(-((_GRID[0] - y) ** 2 + (_GRID[1] - x) ** 2) / (0.1 * width))
+    return (blob / blob.max()).astype(np.float32)
+
+
 def image_id(scenario: str, index: int) -> str:
     return f"{scenario}/{index:04d}"
 
@@ -267,13 +277,15 @@ def report_outcome(
     )
 
 
-def check_outcome(scenario: str, results: list[MapResult], maps_root: Path) -> Outcome:
+def check_outcome(
+    scenario: str, results: list[MapResult], maps_root: Path, make_map: Callable[[int], np.ndarray] = cam
+) -> Outcome:
     """Each object must hold exactly render_png(map); each success result must describe its object."""
     objects = ok = failed = lost = lost_with_object = corrupted = 0
     problems: list[str] = []
     for index, result in enumerate(results):
         path = maps_root / f"{image_id(scenario, index)}.png"
-        expected = render_png(cam(index))
+        expected = render_png(make_map(index))
         stored = path.read_bytes() if path.exists() else None
         objects += stored is not None
         if stored is not None and stored != expected:
@@ -320,6 +332,7 @@ def run_with_kills(
     chaos: Callable[[ResultWatch, redis.Redis], list[Kill]],
     collect_timeout_s: float,
     maps: int = MAPS,
+    make_map: Callable[[int], np.ndarray] = cam,
 ) -> tuple[list[MapResult], list[Kill], ResultWatch, float]:
     """Start the workers, queue the whole run (so every worker always holds maps), let ``chaos`` (in a
     thread) kill things meanwhile, and collect every map's result.
@@ -344,7 +357,7 @@ def run_with_kills(
         start_workers(stack)
         started = time.monotonic()
         chaos_thread.start()  # kill points count results, so it waits for the maps to flow
-        producer.submit_many((i, cam(n)) for n, i in enumerate(ids))
+        producer.submit_many((i, make_map(n)) for n, i in enumerate(ids))
         flush(producer)
         try:
             results = producer.collect(ids, timeout=collect_timeout_s)
@@ -367,8 +380,9 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
 ) -> None:
     # Given three workers, and a visibility timeout (600 s) far beyond the collect timeout: a map
     # can only come back through reject_on_worker_lost, never through the broker's sweep; and
-    # 64 maps per message, so that a pool process caught running is most likely inside a task
-    # (at 8, a task took a few ms and most kills landed between two)
+    # 64 smooth maps per message, so that a pool process caught running is most likely inside a
+    # task (at 8, a task took a few ms and most kills landed between two; with noise maps, 50 KB
+    # each on the wire, much of its running was receiving the next message, not working on it)
     stack = make_stack(private_redis, tmp_path, ACTMAP_VISIBILITY_TIMEOUT_S="600", ACTMAP_BATCH_SIZE="64")
     kill_points = (600, 1400, 2200, 3000)
 
@@ -396,12 +410,18 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
     try:
         # When a pool process is SIGKILLed at four points of the run
         results, kills, watch, elapsed = run_with_kills(
-            stack, private_redis, "pool", kill_pool_processes, collect_timeout_s=120, maps=POOL_MAPS
+            stack,
+            private_redis,
+            "pool",
+            kill_pool_processes,
+            collect_timeout_s=120,
+            maps=POOL_MAPS,
+            make_map=smooth_cam,
         )
     finally:
         stack.stop()
     logs = stack.worker_logs()
-    outcome = check_outcome("pool", results, tmp_path / "maps")
+    outcome = check_outcome("pool", results, tmp_path / "maps", smooth_cam)
     runs = executions(logs, "pool")
     duplicates = sum(runs.values()) - len(runs)
     interrupted = logs.count(WORKER_LOST)

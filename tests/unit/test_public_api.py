@@ -11,6 +11,7 @@ import numpy as np
 
 import producer
 from producer import Producer, Settings
+from producer.scanlines import Scanlines
 from producer.wire import decode_map
 
 
@@ -36,19 +37,35 @@ def test_every_name_in_dunder_all_exists() -> None:
         assert getattr(producer, name) is not None, name
 
 
+def _packed(producer: Producer, cam: np.ndarray) -> bytes:
+    return producer._pack(producer._prepare("a", cam, None, "jet", True)[1])
+
+
 def test_float_maps_are_sent_quantized_by_default_a_quarter_of_the_bytes(tmp_path) -> None:
     cam = np.random.default_rng(0).random((224, 224), dtype=np.float32)
-
-    def packed(producer: Producer) -> bytes:
-        return producer._pack(producer._prepare("a", cam, None, "jet", True)[1])
-
-    quantized = packed(Producer(Settings(home=tmp_path)))
-    raw = packed(Producer(Settings(home=tmp_path, quantize=False)))
+    quantized = _packed(Producer(Settings(home=tmp_path, wire_version=1, wire_compress_level=0)), cam)
+    raw = _packed(
+        Producer(Settings(home=tmp_path, wire_version=1, wire_compress_level=0, quantize=False)), cam
+    )
     decoded = decode_map(quantized, max_pixels=10**6, max_message_bytes=10**7)
+    assert isinstance(decoded.array, np.ndarray)
     assert decoded.array.dtype == np.uint8
     np.testing.assert_array_equal(decoded.array, np.rint(cam * 255).astype(np.uint8))
     assert len(raw) > 3.9 * len(quantized)
-    assert decode_map(raw, max_pixels=10**6, max_message_bytes=10**7).array.dtype == np.float32
+    assert decode_map(raw, max_pixels=10**6, max_message_bytes=10**7).array.dtype == np.float32  # type: ignore[union-attr]
+
+
+def test_quantized_maps_are_sent_as_png_scanlines_by_default_and_unquantized_ones_as_arrays(tmp_path) -> None:
+    cam = np.random.default_rng(0).random((224, 224), dtype=np.float32)
+    decoded = decode_map(
+        _packed(Producer(Settings(home=tmp_path)), cam), max_pixels=10**6, max_message_bytes=10**7
+    )
+    assert isinstance(decoded.array, Scanlines)
+    np.testing.assert_array_equal(decoded.array.intensities(), np.rint(cam * 255).astype(np.uint8))
+    raw = _packed(Producer(Settings(home=tmp_path, quantize=False)), cam)
+    unquantized = decode_map(raw, max_pixels=10**6, max_message_bytes=10**7).array
+    assert isinstance(unquantized, np.ndarray)
+    np.testing.assert_array_equal(unquantized, cam)
 
 
 def test_the_readme_settings_table_lists_every_setting_with_its_default_and_meaning() -> None:

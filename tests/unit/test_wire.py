@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from producer.errors import InvalidMapError, PermanentError, WireFormatError
 from producer.wire import (
+    ARRAY_VERSION,
     COLORMAPS,
     DTYPES,
-    VERSION,
     MapDecodeError,
     MapMessage,
     decode_map,
@@ -44,7 +44,7 @@ def _refusal(payload: object, **limits: int) -> MapDecodeError:
 def _fields(**changes: Any) -> dict[str, Any]:
     """A valid message's fields: a 2x3 uint8 map of image 'val/img-001', map 'cat', run 'run-1'."""
     fields: dict[str, Any] = {
-        "v": VERSION,
+        "v": ARRAY_VERSION,
         "run": "run-1",
         "id": "val/img-001",
         "name": "cat",
@@ -94,7 +94,7 @@ def test_an_unnamed_map_round_trips_with_no_name_and_fade_on() -> None:
 def test_the_message_carries_exactly_the_documented_fields() -> None:
     fields = msgpack.unpackb(encode_map(MapMessage("r", "a", None, _map("float32", (2, 3)))))
     assert set(fields) == set(FIELDS)
-    assert fields["v"] == VERSION
+    assert fields["v"] == ARRAY_VERSION
     assert fields["shape"] == [2, 3]
     assert isinstance(fields["data"], bytes)
     assert len(fields["data"]) == 2 * 3 * 4
@@ -210,13 +210,13 @@ def test_a_message_missing_a_field_is_refused_naming_it(field: str) -> None:
 def test_a_message_missing_its_version_is_refused_as_of_an_unknown_version() -> None:
     fields = _fields()
     del fields["v"]
-    assert "version is None; this worker reads version 1" in str(_refusal(_pack(fields)))
+    assert "version is None; this worker reads versions 1 and 2" in str(_refusal(_pack(fields)))
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, "1", None, True, 1.0, [1]])
+@pytest.mark.parametrize("version", [0, 3, -1, "1", None, True, 1.0, [1]])
 def test_a_message_of_another_version_is_refused_saying_which_one_is_read(version: object) -> None:
     error = _refusal(_pack(_fields(v=version)))
-    assert f"version is {version!r}; this worker reads version 1" in str(error)
+    assert f"version is {version!r}; this worker reads versions 1 and 2" in str(error)
     assert error.identity == ("run-1", "val/img-001", "cat")
 
 
