@@ -16,6 +16,10 @@ CPU ms/map from /proc: the worker's main process and its pool children (utime + 
            worker would reach with its cores to itself (here producer and servers share them).
 RSS        worker main + pool children, sampled every 0.5 s.
 
+Maps go as the producer sends them by default (wire version 2: PNG scanlines the worker stores
+as they are); ``--wire-versions 1,2`` runs every configuration with version 1 too (the uint8 map,
+which the worker filters and deflates), one after the other, for a same-run comparison.
+
 The row "batch 1" runs the first configuration again with one map per Celery message: the
 difference is Celery's per-message cost. The last run, 10,000 maps after a 1,000-map warm-up,
 checks that the workers' RSS stays flat (``--no-memory`` skips it; the whole default run takes
@@ -143,9 +147,11 @@ class Config:
     batch_size: int
     maps: int
     label: str = ""
+    wire_version: int = 2
 
     def name(self) -> str:
-        return self.label or f"{self.storage}, {self.processes} proc"
+        version = "" if self.wire_version == 2 else f", wire v{self.wire_version}"
+        return self.label or f"{self.storage}, {self.processes} proc{version}"
 
 
 @dataclass
@@ -190,6 +196,7 @@ class Bench:
             "ACTMAP_QUEUE": f"bench-{index}",
             "ACTMAP_PNG_COMPRESS_LEVEL": str(self.level),
             "ACTMAP_BATCH_SIZE": str(config.batch_size),
+            "ACTMAP_WIRE_VERSION": str(config.wire_version),
         }
         if config.storage == "local":
             env["ACTMAP_STORAGE_URL"] = (self.root / f"maps-{index}").as_uri()
@@ -301,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--memory-maps", type=int, default=10_000)
     parser.add_argument("--memory-storage", default="local", help="storage of the RSS run: local or s3")
-    parser.add_argument("--level", type=int, default=None, help="PNG zlib level (default: actmap setting)")
+    parser.add_argument("--level", type=int, default=None, help="PNG ISA-L level (default: actmap setting)")
+    parser.add_argument(
+        "--wire-versions",
+        default="2",
+        help="map message versions to run, e.g. 1,2 to compare them in one run (default 2)",
+    )
     parser.add_argument(
         "--pool",
         default="prefork",
@@ -314,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = defaults.batch_size
     processes = [int(p) for p in args.processes.split(",") if p]
     storages = [s for s in args.storage.split(",") if s]
+    versions = [int(v) for v in args.wire_versions.split(",") if v]
+    args.memory = args.memory and args.memory_maps > 0
     began = time.perf_counter()
     print(f"machine: {machine()}")
     print(
@@ -333,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(Path(tmp), redis, s3, level, maps, args.pool)
         for storage in storages:
             for count in processes:
-                config = Config(storage, count, batch, args.maps)
-                outcomes.append(bench.run(config))
-                _progress(outcomes[-1])
+                for version in versions:
+                    config = Config(storage, count, batch, args.maps, wire_version=version)
+                    outcomes.append(bench.run(config))
+                    _progress(outcomes[-1])
         if not args.no_batch_1:
             first = Config(storages[0], processes[0], 1, max(200, args.maps // 2))
             first.label = f"{first.name()}, batch 1"

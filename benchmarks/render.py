@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import struct
 import sys
 import time
 import warnings
@@ -42,6 +41,7 @@ from PIL import Image
 
 from benchmarks.common import gradcam_maps, machine, median_ms_per_item, png_idat, table
 from producer.intensity import to_intensities
+from producer.scanlines import sub_filtered
 from producer.settings import Settings
 from worker import render
 from worker.render import colorize, render_png
@@ -98,10 +98,8 @@ def zlib_render_png(activation_map: npt.NDArray[np.generic], level: int = 1) -> 
     """render_png as it was before ISA-L: the same chunks and Sub filter, the IDAT deflated by zlib."""
     intensities = to_intensities(activation_map)
     height, width = intensities.shape
-    idat = zlib.compress(render._sub_filtered_scanlines(intensities).data, level)
-    header = render._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
-    palette = render._palette_chunks("jet", True)
-    return b"".join([render._PNG_SIGNATURE, header, palette, render._chunk(b"IDAT", idat), render._IEND])
+    idat = zlib.compress(sub_filtered(intensities).data, level)
+    return render._png(width, height, render._palette_chunks("jet", True), idat)
 
 
 def decoded_rgba(png: bytes) -> npt.NDArray[np.uint8]:

@@ -3,9 +3,12 @@
 For Grad-CAM-like maps (benchmarks.common.gradcam_map) of 224², 512² and 1024², given to the
 producer as float32, float16 or uint8, in one run:
 
-  packed   the map message as ``encode_map`` packs it (msgpack), per map
-  ISA-L 2  the same after ``compress_map`` (ISA-L deflate at ``wire_compress_level``, 2), what the
-           task carries
+  packed   the map message as ``encode_map`` packs it in version 1 (msgpack), per map
+  v1 ISA-L 2  the same after ``compress_map`` (ISA-L deflate at ``wire_compress_level``, 2), what
+           the task carries with ``wire_version`` 1
+  sent     what ``pack_map`` makes with the default settings, what the task carries: version 2
+           (the map as PNG scanlines, Sub-filtered, deflated at ``png_compress_level``) for
+           uint8 maps, version 1 as above for floats sent unquantized
   Redis    what kombu's Redis transport stores (base64 body in a JSON envelope): maps published
            with ``Producer.submit_many`` (``batch_size`` 32, synchronous) to a private
            redis-server, then the queue list read back with LRANGE; total bytes / maps
@@ -14,7 +17,8 @@ each with the producer's default (``quantize``: floats sent as rint(x*255) uint8
 ``quantize=False`` (the float bytes themselves on the wire). Then, per size: the PNG a worker
 stores (render_png at ISA-L ``png_compress_level``), one map's result as the worker stores it in the
 result backend (``MEMORY USAGE`` and ``STRLEN`` of its key, written by ResultStore with expiry),
-and the worker CPU of decoding and rendering one map (thread CPU time, median). Last, the batch
+and the worker CPU of decoding and rendering one map (thread CPU time, median): a version 1
+message (decode_map, render_png) and a version 2 one (decode_map, png_from_scanlines). Last, the batch
 sizes the background publisher forms at a GPU's pace (200 maps/s, 224²) and their bytes per map,
 and the Redis commands per map through a real worker (``actmap worker``, one process, local
 storage; INFO commandstats and redis-server CPU over 2,048 maps) at batch 32 and batch 8.
@@ -38,10 +42,10 @@ from producer.celery_config import make_celery
 from producer.intensity import to_intensities
 from producer.keys import result_id
 from producer.results import success_result
-from producer.wire import MapMessage, compress_map, decode_map, encode_map
+from producer.wire import MapMessage, compress_map, decode_map, encode_map, pack_map
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
-from worker.render import render_png
+from worker.render import png_from_scanlines, render_png
 
 SIZES = (224, 512, 1024)
 DTYPES = ("float32", "float16", "uint8")
@@ -200,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                         for i, a in enumerate(arrays)
                     ]
                     zipped = [compress_map(p, level) for p in packed]
+                    sent = [
+                        pack_map(
+                            MapMessage("run", f"val/img-{i:06d}", None, a),
+                            version=defaults.wire_version,
+                            png_level=defaults.png_compress_level,
+                            compress_level=level,
+                        )
+                        for i, a in enumerate(arrays)
+                    ]
                     in_redis, messages = redis_bytes_per_map(
                         redis_server, Settings(**base, quantize=quantize), inputs
                     )
@@ -211,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                             inputs[0].nbytes,
                             statistics.fmean(map(len, packed)),
                             statistics.fmean(map(len, zipped)),
+                            statistics.fmean(map(len, sent)),
                             in_redis,
                             f"{in_redis / maps[0].nbytes:.1%}",
                             f"{len(maps) / messages:.0f}",
@@ -220,20 +234,30 @@ def main(argv: list[str] | None = None) -> int:
             pngs = [render_png(a, compress_level=defaults.png_compress_level) for a in intensities]
             png_mean = statistics.fmean(map(len, pngs))
             usage, length, bulk = result_memory(redis_server, defaults, size, round(png_mean))
-            payloads = [
-                compress_map(encode_map(MapMessage("run", f"val/img-{i:06d}", None, a)), level)
-                for i, a in enumerate(intensities)
-            ]
-            decode_ms, render_ms = [], []
-            for payload in payloads * 3:
-                t0 = time.thread_time()
-                message = decode_map(
-                    payload, max_pixels=defaults.max_pixels, max_message_bytes=defaults.max_message_bytes
-                )
-                t1 = time.thread_time()
-                render_png(message.array, compress_level=defaults.png_compress_level)
-                decode_ms.append((t1 - t0) * 1e3)
-                render_ms.append((time.thread_time() - t1) * 1e3)
+            worker_ms: dict[int, tuple[list[float], list[float]]] = {}
+            for version in (1, 2):
+                payloads = [
+                    pack_map(
+                        MapMessage("run", f"val/img-{i:06d}", None, a),
+                        version=version,
+                        png_level=defaults.png_compress_level,
+                        compress_level=level,
+                    )
+                    for i, a in enumerate(intensities)
+                ]
+                decode_ms, render_ms = worker_ms.setdefault(version, ([], []))
+                for payload in payloads * 3:
+                    t0 = time.thread_time()
+                    message = decode_map(
+                        payload, max_pixels=defaults.max_pixels, max_message_bytes=defaults.max_message_bytes
+                    )
+                    t1 = time.thread_time()
+                    if isinstance(message.array, np.ndarray):
+                        render_png(message.array, compress_level=defaults.png_compress_level)
+                    else:
+                        png_from_scanlines(message.array)
+                    decode_ms.append((t1 - t0) * 1e3)
+                    render_ms.append((time.thread_time() - t1) * 1e3)
             size_rows.append(
                 [
                     f"{size}²",
@@ -242,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                     max(map(len, pngs)),
                     usage,
                     length,
-                    statistics.median(decode_ms),
-                    statistics.median(render_ms),
+                    *(statistics.median(ms) for version in (1, 2) for ms in worker_ms[version]),
                     bulk,
                 ]
             )
@@ -274,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 "on wire",
                 "input bytes",
                 "packed",
-                f"ISA-L {level}",
+                f"v1 ISA-L {level}",
+                f"sent (v{defaults.wire_version})",
                 "Redis list",
                 "Redis/float32",
                 "maps/msg",
@@ -294,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                 "PNG max",
                 "result MEMORY USAGE",
                 "result STRLEN",
-                "decode cpu ms",
-                "render cpu ms",
+                "v1 decode cpu ms",
+                "v1 render cpu ms",
+                "v2 decode cpu ms",
+                "v2 PNG cpu ms",
                 "used_memory/result",
             ],
             size_rows,

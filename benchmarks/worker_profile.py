@@ -1,11 +1,14 @@
 """Where a worker's time goes per map: ``python -m benchmarks.worker_profile`` (about 30 s).
 
-In this process, on 224² Grad-CAM-like maps packed exactly as the producer sends them (uint8,
-msgpack, ISA-L deflate at ``wire_compress_level``), each stage of a worker's per-map work is timed on
+In this process, on 224² Grad-CAM-like maps packed exactly as the producer sends them
+(``pack_map``: by default wire version 2, the map as Sub-filtered PNG scanlines deflated at
+``png_compress_level``; ``ACTMAP_WIRE_VERSION=1``: msgpack of the uint8 map, ISA-L deflate at
+``wire_compress_level``), each stage of a worker's per-map work is timed on
 its own, wall clock and CPU time of the calling thread, map after map (stages interleaved):
 
   decode   decode_map: inflate, msgpack, validation; result id and object key
-  render   render_png at ``png_compress_level`` (ISA-L)
+  render   version 2: png_from_scanlines (the chunks around the IDAT the producer deflated);
+           version 1: render_png at ``png_compress_level`` (ISA-L)
   store    FileStorage.put into a temporary folder, and S3Storage.put to a private SeaweedFS
   log      the INFO line per map of ACTMAP_LOG_EACH_MAP, through Celery's worker logging to a file
   metrics  the Prometheus updates pipeline and task make per map (in memory: no --metrics-port)
@@ -36,12 +39,13 @@ from producer.celery_config import make_celery
 from producer.intensity import to_intensities
 from producer.keys import object_key, result_id
 from producer.results import success_result
+from producer.scanlines import Scanlines
 from producer.settings import Settings
-from producer.wire import MapMessage, compress_map, decode_map, encode_map
+from producer.wire import MapMessage, decode_map, pack_map
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedS3
 from worker.pipeline import Done, Pipeline
-from worker.render import render_png
+from worker.render import png_from_scanlines, render_png
 from worker.storage import FileStorage, S3Storage, StorageLocation, open_storage
 
 log = logging.getLogger("actmap.worker")  # the pipeline's logger
@@ -78,15 +82,23 @@ class Stage:
 
 
 def packed_maps(settings: Settings, run_id: str, count: int, distinct: int) -> list[bytes]:
-    """``count`` map messages as the producer sends them: quantized, msgpack, deflated (ISA-L)."""
+    """``count`` map messages as the producer sends them: quantized, then ``pack_map``."""
     arrays = [to_intensities(m) for m in gradcam_maps(224, distinct)]
     return [
-        compress_map(
-            encode_map(MapMessage(run_id, f"profile/{i:06d}", None, arrays[i % distinct])),
-            settings.wire_compress_level,
+        pack_map(
+            MapMessage(run_id, f"profile/{i:06d}", None, arrays[i % distinct]),
+            version=settings.wire_version,
+            png_level=settings.png_compress_level,
+            compress_level=settings.wire_compress_level,
         )
         for i in range(count)
     ]
+
+
+def _png(settings: Settings, array: np.ndarray | Scanlines) -> bytes:
+    if isinstance(array, Scanlines):
+        return png_from_scanlines(array)
+    return render_png(array, compress_level=settings.png_compress_level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 s3_lean = _s3_without_crc32(s3_settings, bucket)
             print(
                 f"224² maps, PNG level {settings.png_compress_level}, "
-                f"wire level {settings.wire_compress_level}, "
+                f"wire version {settings.wire_version}, wire level {settings.wire_compress_level}, "
                 f"batch {settings.batch_size}, {args.maps} maps per pass\n"
             )
             stages = _profile_stages(settings, backend, result_store, local, s3_location, s3_lean, args.maps)
@@ -174,7 +186,12 @@ def _profile_stages(
     payloads = packed_maps(settings, run_id, count, distinct=16)
     stages: dict[str, tuple[Stage, str]] = {
         "decode": (Stage(), "inflate + msgpack + checks, result id, object key"),
-        "render": (Stage(), f"render_png, level {settings.png_compress_level}"),
+        "render": (
+            Stage(),
+            "png_from_scanlines"
+            if settings.wire_version == 2
+            else f"render_png, level {settings.png_compress_level}",
+        ),
         "store local": (Stage(), "FileStorage.put (tmp file, write, rename)"),
     }
     if s3 is not None:
@@ -194,9 +211,7 @@ def _profile_stages(
     for index, payload in enumerate(payloads):
         message = stages["decode"][0].time(lambda payload=payload: _decode(settings, payload))
         rid, key, array = message
-        png = stages["render"][0].time(
-            lambda array=array: render_png(array, compress_level=settings.png_compress_level)
-        )
+        png = stages["render"][0].time(lambda array=array: _png(settings, array))
         stored = stages["store local"][0].time(lambda key=key, png=png: local.put(key, png))
         if s3 is not None:
             s3_key = object_key(s3.prefix, f"profile/{index:06d}")
@@ -268,7 +283,7 @@ def _s3_without_crc32(settings: Settings, bucket: str) -> S3Storage:
     return S3Storage(client, bucket)
 
 
-def _decode(settings: Settings, payload: bytes) -> tuple[str, str, np.ndarray]:
+def _decode(settings: Settings, payload: bytes) -> tuple[str, str, np.ndarray | Scanlines]:
     message = decode_map(
         payload, max_pixels=settings.max_pixels, max_message_bytes=settings.max_message_bytes
     )
