@@ -41,7 +41,7 @@ from PIL import Image
 
 from benchmarks.common import gradcam_maps, machine, median_ms_per_item, png_idat, table
 from producer.intensity import to_intensities
-from producer.scanlines import sub_filtered
+from producer.scanlines import Scanlines, sub_filtered
 from producer.settings import Settings
 from worker import render
 from worker.render import colorize, render_png
@@ -96,10 +96,8 @@ def pillow_palette_png(intensities: npt.NDArray[np.uint8], table: npt.NDArray[np
 
 def zlib_render_png(activation_map: npt.NDArray[np.generic], level: int = 1) -> bytes:
     """render_png as it was before ISA-L: the same chunks and Sub filter, the IDAT deflated by zlib."""
-    intensities = to_intensities(activation_map)
-    height, width = intensities.shape
-    idat = zlib.compress(sub_filtered(intensities).data, level)
-    return render._png(width, height, render._palette_chunks("jet", True), idat)
+    rows = sub_filtered(to_intensities(activation_map))
+    return render._png(Scanlines(rows, zlib.compress(rows.data, level)), render._palette_chunks("jet", True))
 
 
 def decoded_rgba(png: bytes) -> npt.NDArray[np.uint8]:

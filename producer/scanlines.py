@@ -18,6 +18,13 @@ from isal import isal_zlib
 FILTER_NONE = 0
 FILTER_SUB = 1
 FILTERS = (FILTER_NONE, FILTER_SUB)
+MAX_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's deflate levels are 0-3
+
+
+def check_level(what: str, level: object, lowest: str = "0") -> None:
+    """Refuse a deflate level ISA-L does not have, naming ``what`` and the range (``lowest`` to 3)."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"{what} is {level!r}; expected an int from {lowest} to {MAX_LEVEL} (ISA-L)")
 
 
 def sub_filtered(intensities: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -56,7 +63,9 @@ class Scanlines:
     @classmethod
     def deflate(cls, intensities: npt.NDArray[np.uint8], level: int) -> Scanlines:
         """Sub-filter an (h, w) uint8 map and deflate it with ISA-L at ``level`` (0-3)."""
+        check_level("deflate level", level)
         rows = sub_filtered(intensities)
+        # The rows are the only copy of the map; ISA-L reads them through the buffer protocol.
         return cls(rows, isal_zlib.compress(rows.data, level))
 
     @property

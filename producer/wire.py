@@ -49,7 +49,7 @@ from isal import isal_zlib
 
 from producer.errors import ActmapError, InvalidMapError, WireFormatError
 from producer.keys import validate_image_id, validate_map_name
-from producer.scanlines import FILTERS, Scanlines
+from producer.scanlines import FILTERS, MAX_LEVEL, Scanlines, check_level
 
 ARRAY_VERSION = 1  # the map's own bytes, any dtype
 SCANLINES_VERSION = 2  # a uint8 map as deflated PNG scanlines
@@ -62,7 +62,7 @@ _FIELDS = {
     ARRAY_VERSION: _COMMON_FIELDS | {"dtype", "data"},
     SCANLINES_VERSION: _COMMON_FIELDS | {"scanlines"},
 }
-MAX_COMPRESS_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's 0-3; 0 here means not compressed
+MAX_COMPRESS_LEVEL = MAX_LEVEL  # ISA-L's 0-3; 0 here means not compressed
 _MAX_CINFO = 7  # a zlib header's largest window, 2**(7 + 8) = 32 KiB
 # isal's stubs declare its error an instance; it is an exception class (igzip_lib.IsalError).
 _INFLATE_ERRORS = (cast(type[Exception], isal_zlib.error), zlib.error)
@@ -134,8 +134,8 @@ def pack_map(message: MapMessage, *, version: int, png_level: int, compress_leve
     """The bytes a producer sends for a map: version 2 if ``version`` is 2 and the map is uint8,
     its scanlines deflated at ``png_level``; else version 1, compressed at ``compress_level``."""
     array = message.array
-    _check_level("wire compress level", compress_level, "0 (off)")
-    _check_level("PNG compress level", png_level, "0")
+    check_level("wire compress level", compress_level, "0 (off)")
+    check_level("PNG compress level", png_level, "0")
     if version == SCANLINES_VERSION and isinstance(array, np.ndarray) and array.dtype == np.uint8:
         intensities = array.reshape(array.shape[:2])  # [h, w, 1] is [h, w] with the same bytes
         return encode_map(replace(message, array=Scanlines.deflate(intensities, png_level)))
@@ -144,15 +144,8 @@ def pack_map(message: MapMessage, *, version: int, png_level: int, compress_leve
 
 def compress_map(payload: bytes, level: int) -> bytes:
     """The zlib form of a packed map message, deflated by ISA-L at ``level`` 1-3; 0 leaves it as it is."""
-    _check_level("wire compress level", level, "0 (off)")
+    check_level("wire compress level", level, "0 (off)")
     return isal_zlib.compress(payload, level) if level > 0 else payload
-
-
-def _check_level(what: str, level: object, lowest: str) -> None:
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_COMPRESS_LEVEL:
-        raise ValueError(
-            f"{what} is {level!r}; expected an int from {lowest} to {MAX_COMPRESS_LEVEL} (ISA-L)"
-        )
 
 
 def _inflate(payload: bytes | bytearray | memoryview, max_message_bytes: int) -> bytes:

@@ -14,12 +14,11 @@ import numpy.typing as npt
 from isal import isal_zlib
 
 from producer.intensity import to_intensities
-from producer.scanlines import Scanlines, sub_filtered
+from producer.scanlines import Scanlines, check_level
 from worker.colormaps import lut
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_IDAT_BYTES = 1 << 30  # a chunk's length must stay below 2**31; real maps need one IDAT
-MAX_COMPRESS_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's levels are 0-3
 
 
 def colorize(
@@ -51,21 +50,10 @@ def render_png(
     makes render_png ~3x faster; 2 packs the same, 0 is a quarter larger for hardly any time
     saved, 3 is ~3x slower (see benchmarks/render.py).
     """
-    if (
-        isinstance(compress_level, bool)
-        or not isinstance(compress_level, int)
-        or not 0 <= compress_level <= MAX_COMPRESS_LEVEL
-    ):
-        raise ValueError(
-            f"compress_level is {compress_level!r}; expected an int from 0 to {MAX_COMPRESS_LEVEL}"
-        )
+    check_level("compress_level", compress_level)
     lut(colormap, fade_low_activation)  # refuses unknown colormaps and non-bool fades first
     palette = _palette_chunks(colormap, bool(fade_low_activation))
-    intensities = to_intensities(activation_map)
-    height, width = intensities.shape
-    # The filtered scanlines are the only copy of the map; ISA-L reads them through the buffer protocol.
-    idat = isal_zlib.compress(sub_filtered(intensities).data, compress_level)
-    return _png(width, height, palette, idat)
+    return _png(Scanlines.deflate(to_intensities(activation_map), compress_level), palette)
 
 
 def png_from_scanlines(
@@ -77,12 +65,13 @@ def png_from_scanlines(
     PNG as ``render_png`` of the map at the level the producer deflated it, with no deflate here.
     """
     lut(colormap, fade_low_activation)  # refuses unknown colormaps and non-bool fades first
-    palette = _palette_chunks(colormap, bool(fade_low_activation))
-    return _png(scanlines.width, scanlines.height, palette, scanlines.stream)
+    return _png(scanlines, _palette_chunks(colormap, bool(fade_low_activation)))
 
 
-def _png(width: int, height: int, palette: bytes, idat: bytes) -> bytes:
-    parts = [_PNG_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)), palette]
+def _png(scanlines: Scanlines, palette: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", scanlines.width, scanlines.height, 8, 3, 0, 0, 0)
+    idat = scanlines.stream
+    parts = [_PNG_SIGNATURE, _chunk(b"IHDR", header), palette]
     parts += [_chunk(b"IDAT", idat[i : i + _MAX_IDAT_BYTES]) for i in range(0, len(idat), _MAX_IDAT_BYTES)]
     parts.append(_IEND)
     return b"".join(parts)
