@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from isal import isal_zlib
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.scanlines import MAX_LEVEL
 
 # Slack between the end of a message's work and the broker's redelivery of it.
 REDELIVERY_MARGIN_S = 5
@@ -60,7 +61,7 @@ class Settings(BaseSettings):
     wire_compress_level: Annotated[int, _isal_level("0 (off) to 3")] = Field(
         2,
         ge=0,
-        le=isal_zlib.ISAL_BEST_COMPRESSION,
+        le=MAX_LEVEL,
         description="ISA-L deflate level (1-3) of version 1 map messages on the wire (0: off), off the "
         "caller's thread: 2 packs like zlib's 1, 3.5x faster.",
     )
@@ -98,7 +99,7 @@ class Settings(BaseSettings):
     png_compress_level: Annotated[int, _isal_level("0 to 3")] = Field(
         1,
         ge=0,
-        le=isal_zlib.ISAL_BEST_COMPRESSION,
+        le=MAX_LEVEL,
         description="ISA-L deflate level (0-3) of the PNG: 1 is about as fast as 0 and a fifth smaller. "
         "Maps sent as scanlines (wire version 2) are deflated by the producer, at its own setting.",
     )

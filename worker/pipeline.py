@@ -85,7 +85,7 @@ class Pipeline:
         self.settings = settings
         self.location = location
         self._upload_threads = upload_threads
-        # A log line costs about half a 224² render: one per map only when asked for.
+        # A log line costs about as much as a 224² render_png: one per map only when asked for.
         self._stored_level = logging.INFO if settings.log_each_map else logging.DEBUG
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="actmap-upload")
 
