@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     maps = [gradcam_like(rng, args.size) for _ in range(32)]
-    quantize_ms = statistics.median(_time_ms(lambda: to_intensities(maps[0])) for _ in range(200))
+    quantize_ms = {kind: _quantize_ms(cam) for kind, cam in _in_each_library(maps[0]).items()}
 
     rows: list[tuple[str, str]] = []
     with RedisServer() as redis_server, tempfile.TemporaryDirectory() as home:
@@ -125,12 +125,34 @@ def main() -> None:
     rows += [
         ("submit_many, ms per map (returns)", f"{submit_many_ms:.3f}"),
         ("submit_many, ms per map (until all published)", f"{flushed_ms:.3f}"),
-        ("quantize alone (to_intensities), ms", f"{quantize_ms:.3f}"),
+        *((f"quantize alone (to_intensities), {kind}, ms", f"{ms:.3f}") for kind, ms in quantize_ms.items()),
         ("broker bytes per map, unquantized float32", f"{raw_wire:,.0f}"),
     ]
     print()
     for label, value in rows:
         print(f"| {label:<96} | {value:>10} |")
+
+
+def _quantize_ms(cam: object) -> float:
+    return statistics.median(_time_ms(lambda: to_intensities(cam)) for _ in range(200))
+
+
+def _in_each_library(cam: np.ndarray) -> dict[str, object]:
+    """The map as numpy has it, and as a JAX array and a torch tensor (on the CPU) where installed."""
+    forms: dict[str, object] = {"numpy array": cam}
+    try:
+        import jax.numpy as jnp
+
+        forms["JAX array (CPU)"] = jnp.asarray(cam)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        forms["torch tensor (CPU)"] = torch.from_numpy(cam)
+    except ImportError:
+        pass
+    return forms
 
 
 def _time_ms(fn: object) -> float:

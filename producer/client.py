@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import redis
 from celery import states
 from kombu.exceptions import OperationalError
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from producer.celery_config import TASK_NAME, make_celery
 from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
-from producer.intensity import is_torch_tensor, to_intensities
+from producer.intensity import host_array, to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
 from producer.publisher import BackgroundPublisher
 from producer.redelivery import UNACKED_KEY, LostMapRedelivery
@@ -161,7 +160,7 @@ class Producer:
         intensities = to_intensities(activation_map, max_pixels=self.settings.max_pixels)
         # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
         # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
-        array = intensities if self.settings.quantize else _host_array(activation_map)
+        array = intensities if self.settings.quantize else host_array(activation_map)
         if array is activation_map or not array.flags.owndata:
             # The caller's own memory (a uint8 array, a CPU tensor): it may be reused as soon as
             # submit returns, and the map is packed later. Quantized floats are already a copy.
@@ -324,13 +323,6 @@ class Producer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _host_array(activation_map: Any) -> np.ndarray:
-    """The map as a contiguous numpy array, copied off its device if it is a torch tensor."""
-    if is_torch_tensor(activation_map):
-        activation_map = activation_map.detach().cpu().numpy()
-    return np.ascontiguousarray(activation_map)
 
 
 def _unpack_item(item: Sequence[Any]) -> tuple[str, Any, str | None]:

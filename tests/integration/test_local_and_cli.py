@@ -192,3 +192,31 @@ def test_a_producer_still_on_wire_version_1_gets_the_same_png_as_one_on_version_
     assert pngs[1] == pngs[2]
     for cam, png in zip(maps, pngs[2], strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")), colorize(cam))
+
+
+def test_maps_of_other_array_libraries_arrive_as_the_same_pngs_as_numpy_maps(local_stack: Stack) -> None:
+    import array_api_strict
+    import jax.numpy as jnp
+
+    # Given the same float32 maps as numpy arrays, JAX arrays and arrays on a device numpy cannot
+    # read (array-api-strict's "device1", which lends its memory through DLPack only, as a GPU does)
+    rng = np.random.default_rng(12)
+    maps = [rng.random((40, 56), dtype=np.float32) for _ in range(3)]
+    device = array_api_strict.Device("device1")
+    forms = {
+        "numpy": maps,
+        "jax": [jnp.asarray(cam) for cam in maps],
+        "device": [array_api_strict.asarray(cam, device=device) for cam in maps],
+    }
+    pngs: dict[str, list[bytes]] = {}
+    with local_stack.producer() as producer:
+        # When each is submitted under its own image ids and collected
+        for form, arrays in forms.items():
+            handles = [producer.submit(f"{form}/map-{i}", cam) for i, cam in enumerate(arrays)]
+            results = producer.collect(handles, timeout=60)
+            assert all(r.locator for r in results), [r.error for r in results]
+            pngs[form] = [Path(r.locator.removeprefix("file://")).read_bytes() for r in results if r.locator]
+    # Then every form gives the very PNGs of the numpy maps
+    assert pngs["jax"] == pngs["numpy"] and pngs["device"] == pngs["numpy"]
+    for cam, png in zip(maps, pngs["numpy"], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")), colorize(cam))
