@@ -147,6 +147,21 @@ class FaultRun(NamedTuple):
     objects: dict[str, tuple[bytes, str]]
     figures: Audit
 
+    def report_to(self, report: Report, scenario: str, **row: Any) -> None:
+        """This run's row in the reliability table: its audit, the faults, the PUTs retried, its time."""
+        maps = len(self.expected)
+        report_audit(
+            report,
+            scenario,
+            self.figures,
+            objects=len(self.objects),
+            maps=maps,
+            faults=self.stats.faults_total,
+            retries=self.stats.by_method["PUT"] - maps,
+            elapsed_s=self.elapsed_s,
+            **row,
+        )
+
 
 def submit_and_audit(
     fs: FaultStack, s3_server: SeaweedS3, maps: dict[str, np.ndarray], timeout: float
@@ -211,19 +226,11 @@ def test_with_30_percent_of_s3_requests_faulted_every_map_is_stored_once_byte_fo
         rng = np.random.default_rng(500)
         maps = {f"fault/{i:03d}": smooth_map(rng) for i in range(500)}
         # When 500 maps are submitted and collected
-        _, results, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=200)
+        run = submit_and_audit(fs, s3_server, maps, timeout=200)
+        _, results, elapsed, stats, objects, figures = run
         map_retries = log_count(fs.stack, r"will be retried")
         task_retries = log_count(fs.stack, r"retrying \d+ map\(s\)")
-    report_audit(
-        report,
-        "S3 30% faults",
-        figures,
-        objects=len(objects),
-        maps=len(maps),
-        faults=stats.faults_total,
-        retries=stats.by_method["PUT"] - len(maps),
-        elapsed_s=elapsed,
-    )
+    run.report_to(report, "S3 30% faults")
     print(
         f"\n30% faults: {stats.by_method['PUT']} PUTs for {len(maps)} maps, faults {dict(stats.faults)}, "
         f"{map_retries} map retries by Celery in {task_retries} retry messages, "
@@ -265,7 +272,8 @@ def test_with_every_s3_request_faulted_each_map_fails_naming_the_cause_and_the_w
         rng = np.random.default_rng(100)
         maps = {f"down/{i:02d}": smooth_map(rng) for i in range(12)}
         # When maps are submitted, then each ends failed, within the collect timeout
-        _, results, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=150)
+        run = submit_and_audit(fs, s3_server, maps, timeout=150)
+        _, results, elapsed, stats, objects, figures = run
         rounds = log_count(fs.stack, r"will be retried")
         # And when S3 is healthy again, the same worker stores a new map
         proxy.fault_rate = 0.0
@@ -276,17 +284,7 @@ def test_with_every_s3_request_faulted_each_map_fails_naming_the_cause_and_the_w
             after = collect_all(fs.stack, producer.run_id, ["down/after"], timeout=60)[0]
         recovery = time.monotonic() - healed
         after_objects = stored_objects(s3_server, fs.bucket)
-    report_audit(
-        report,
-        "S3 100% faults",
-        figures,
-        objects=len(objects),
-        maps=len(maps),
-        faults=stats.faults_total,
-        retries=stats.by_method["PUT"] - len(maps),
-        elapsed_s=elapsed,
-        recovery_s=recovery,
-    )
+    run.report_to(report, "S3 100% faults", recovery_s=recovery)
     print(
         f"\n100% faults: {len(maps)} maps failed in {elapsed:.1f} s after {stats.by_method['PUT']} PUTs "
         f"({dict(stats.faults)}); {len(objects)} objects stored by requests whose answer was reset "
@@ -320,9 +318,8 @@ def test_a_bit_flipped_upload_is_refused_with_bad_digest_and_never_stored_and_a_
         rng = np.random.default_rng(7)
         maps = {f"flip/{i}": smooth_map(rng) for i in range(4)}
         # When maps are submitted
-        expected, results, elapsed, flipped, objects, figures = submit_and_audit(
-            fs, s3_server, maps, timeout=60
-        )
+        run = submit_and_audit(fs, s3_server, maps, timeout=60)
+        expected, results, _, flipped, objects, figures = run
         # And then submitted again (a new run) once the corruption stops
         proxy.fault_rate = 0.0
         healed = time.monotonic()
@@ -333,16 +330,7 @@ def test_a_bit_flipped_upload_is_refused_with_bad_digest_and_never_stored_and_a_
         recovery = time.monotonic() - healed
         clean_objects = stored_objects(s3_server, fs.bucket)
         clean_figures = audit(clean, expected, clean_objects, fs.bucket)
-    report_audit(
-        report,
-        "S3 bit flips 100%",
-        figures,
-        objects=len(objects),
-        maps=len(maps),
-        faults=flipped.faults_total,
-        retries=flipped.by_method["PUT"] - len(maps),
-        elapsed_s=elapsed,
-    )
+    run.report_to(report, "S3 bit flips 100%")
     report_audit(
         report,
         "S3 bit flips, then 0%",
@@ -391,19 +379,11 @@ def test_a_batch_slowed_by_s3_throttling_is_processed_once_not_again_by_a_second
     ) as fs:
         rng = np.random.default_rng(11)
         maps = {f"slow/{i}": smooth_map(rng) for i in range(40)}
-        _, _, elapsed, stats, objects, figures = submit_and_audit(fs, s3_server, maps, timeout=120)
+        run = submit_and_audit(fs, s3_server, maps, timeout=120)
+        _, _, elapsed, stats, _, figures = run
         for worker in fs.stack.workers:
             worker.kill()  # a duplicate may still be backing off; a warm shutdown would wait for it
-    report_audit(
-        report,
-        "S3 SlowDown, batch > visibility",
-        figures,
-        objects=len(objects),
-        maps=len(maps),
-        faults=stats.faults_total,
-        retries=stats.by_method["PUT"] - len(maps),
-        elapsed_s=elapsed,
-    )
+    run.report_to(report, "S3 SlowDown, batch > visibility")
     print(
         f"\nbatch slower than the visibility timeout: {stats.by_method['PUT']} PUTs for {len(maps)} maps "
         f"(at most {len(maps) * attempts} expected: task_max_retries=0), {elapsed:.1f} s"
