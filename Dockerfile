@@ -1,10 +1,10 @@
-# The actmap worker image: `docker compose up --scale worker=N`.
+# The actmap image: the workers (`docker compose up --scale worker=N`) and Flower (the `flower` service).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir . && useradd --create-home actmap
+RUN pip install --no-cache-dir ".[flower]" && useradd --create-home actmap
 USER actmap
 ENTRYPOINT ["actmap"]
 CMD ["worker", "--concurrency", "2"]
