@@ -273,5 +273,11 @@ def _dlpack_to_host(array: Any) -> npt.NDArray[Any]:
         # array in host memory, no copy at all.
         return np.from_dlpack(array, device="cpu")
     except (BufferError, RuntimeError, TypeError, ValueError):
-        # An older numpy, or a library without DLPack host copies: its __array__, if any.
+        pass
+    try:  # an older numpy, or a library without DLPack host copies: its __array__, if any
         return np.asarray(array)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidMapError(
+            f"activation map of type {type(array).__name__} could not be copied to the host ({exc}); "
+            "expected an array numpy reads through DLPack (numpy >= 2.1 for one on a GPU) or __array__"
+        ) from exc

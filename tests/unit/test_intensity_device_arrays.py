@@ -156,6 +156,37 @@ def test_an_array_numpy_cannot_convert_is_read_through_dlpack(dtype: str, quanti
     )
 
 
+class Unreadable:
+    """Stands in for a uint8 map of a GPU library numpy can read neither through DLPack nor
+    __array__ (no GPU here): array-api-strict answers for its dtype and shape."""
+
+    def __init__(self, array: Any) -> None:
+        self.dtype, self.shape = array.dtype, array.shape
+
+    def __array_namespace__(self) -> Any:
+        return strict
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        raise BufferError("no host copies")
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, 0)  # kDLCUDA
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+
+def test_an_array_numpy_cannot_read_at_all_is_refused_saying_so() -> None:
+    unreadable = Unreadable(strict.asarray(np.zeros((4, 4), np.uint8)))
+    message = _message(unreadable)
+    assert message.startswith(
+        "activation map of type Unreadable could not be copied to the host (Implicit conversion"
+    ), message
+    assert message.endswith(
+        "expected an array numpy reads through DLPack (numpy >= 2.1 for one on a GPU) or __array__"
+    )
+
+
 @needs_torch
 def test_grad_tracking_tensors_are_accepted(quantize: Any) -> None:
     base = torch.from_numpy(_smooth(32).astype(np.float32))
