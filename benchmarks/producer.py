@@ -12,6 +12,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,10 @@ def gradcam_like(rng: np.random.Generator, size: int) -> np.ndarray:
     return (cam / cam.max()).astype(np.float32)
 
 
-def paced_submits(
-    producer: Producer, maps: list[np.ndarray], count: int, rate: float, *, busy: bool = False
-) -> list[float]:
-    """Submit ``count`` maps at ``rate`` per second; return each call's blocking time in ms.
+def paced_calls(call: Callable[[int], object], count: int, rate: float, *, busy: bool = False) -> list[float]:
+    """Call ``call(i)`` ``count`` times at ``rate`` per second; return each call's time in ms.
 
-    Between maps the loop either sleeps (an idle thread, which on this VM wakes up with cold
+    Between calls the loop either sleeps (an idle thread, which on this VM wakes up with cold
     caches and a slow vCPU: everything runs several times slower for a while) or keeps the
     CPU busy (``busy``: like a loop preparing its next batch or launching kernels).
     """
@@ -47,9 +46,18 @@ def paced_submits(
             if not busy:
                 time.sleep(min(due - now, 0.001))
         t0 = time.perf_counter()
-        producer.submit(f"bench/{i:06d}", maps[i % len(maps)])
+        call(i)
         blocked.append((time.perf_counter() - t0) * 1e3)
     return blocked
+
+
+def paced_submits(
+    producer: Producer, maps: list[np.ndarray], count: int, rate: float, *, busy: bool = False
+) -> list[float]:
+    """Submit ``count`` maps at ``rate`` per second; return each call's blocking time in ms."""
+    return paced_calls(
+        lambda i: producer.submit(f"bench/{i:06d}", maps[i % len(maps)]), count, rate, busy=busy
+    )
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -99,6 +107,12 @@ def main() -> None:
             figures[label] = percentiles(blocked)
             wire = broker_bytes_per_map(redis_server, settings.queue, args.maps)
             rows.append((f"broker bytes per map ({label})", f"{wire:,.0f}"))
+        # The machine's share: quantizing alone, paced the same way (no producer, no thread).
+        for busy in (False, True):
+            alone = paced_calls(lambda i: to_intensities(maps[i % len(maps)]), args.maps, 200.0, busy=busy)
+            figures[f"to_intensities alone @ 200/s, loop {'busy' if busy else 'idle'} between maps"] = (
+                percentiles(alone)
+            )
         with Producer(Settings(**base)) as producer:
             items = [(f"many/{i:06d}", maps[i % len(maps)]) for i in range(args.maps)]
             t0 = time.perf_counter()
