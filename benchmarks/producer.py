@@ -31,20 +31,28 @@ def gradcam_like(rng: np.random.Generator, size: int) -> np.ndarray:
     return (cam / cam.max()).astype(np.float32)
 
 
-def paced_calls(call: Callable[[int], object], count: int, rate: float, *, busy: bool = False) -> list[float]:
-    """Call ``call(i)`` ``count`` times at ``rate`` per second; return each call's time in ms.
+# What the loop does between maps: "idle" sleeps (a thread that, on this VM, wakes up with cold
+# caches and a slow vCPU: everything runs several times slower for a while); "python" spins in
+# Python, holding the GIL (a loop preparing its next batch in Python); "native" keeps the CPU
+# busy in native code that releases the GIL, as a GPU loop does in torch's operators and CUDA
+# waits (here small BLAS matrix products).
+BETWEEN = {"idle": "idle", "python": "spinning in Python", "native": "busy in native code (GIL free)"}
+_NATIVE = np.random.default_rng(1).random((96, 96), dtype=np.float32)
 
-    Between calls the loop either sleeps (an idle thread, which on this VM wakes up with cold
-    caches and a slow vCPU: everything runs several times slower for a while) or keeps the
-    CPU busy (``busy``: like a loop preparing its next batch or launching kernels).
-    """
+
+def paced_calls(
+    call: Callable[[int], object], count: int, rate: float, *, between: str = "idle"
+) -> list[float]:
+    """Call ``call(i)`` ``count`` times at ``rate`` per second; return each call's time in ms."""
     blocked: list[float] = []
     start = time.perf_counter()
     for i in range(count):
         due = start + i / rate
         while (now := time.perf_counter()) < due:
-            if not busy:
+            if between == "idle":
                 time.sleep(min(due - now, 0.001))
+            elif between == "native":
+                np.dot(_NATIVE, _NATIVE)
         t0 = time.perf_counter()
         call(i)
         blocked.append((time.perf_counter() - t0) * 1e3)
@@ -52,11 +60,11 @@ def paced_calls(call: Callable[[int], object], count: int, rate: float, *, busy:
 
 
 def paced_submits(
-    producer: Producer, maps: list[np.ndarray], count: int, rate: float, *, busy: bool = False
+    producer: Producer, maps: list[np.ndarray], count: int, rate: float, *, between: str = "idle"
 ) -> list[float]:
     """Submit ``count`` maps at ``rate`` per second; return each call's blocking time in ms."""
     return paced_calls(
-        lambda i: producer.submit(f"bench/{i:06d}", maps[i % len(maps)]), count, rate, busy=busy
+        lambda i: producer.submit(f"bench/{i:06d}", maps[i % len(maps)]), count, rate, between=between
     )
 
 
@@ -89,30 +97,32 @@ def main() -> None:
     with RedisServer() as redis_server, tempfile.TemporaryDirectory() as home:
         base = {"home": Path(home), "broker_url": redis_server.url(0), "result_backend": redis_server.url(1)}
         figures: dict[str, tuple[float, float, float]] = {}
-        for what, background, rate, busy in [
-            ("submit, background publisher", True, 200.0, False),
-            ("plain Celery send_task per map", False, 200.0, False),
-            ("submit, background publisher", True, 200.0, True),
-            ("plain Celery send_task per map", False, 200.0, True),
-            ("submit, background publisher", True, 2000.0, True),
+        for what, background, rate, between in [
+            ("submit, background publisher", True, 200.0, "idle"),
+            ("plain Celery send_task per map", False, 200.0, "idle"),
+            ("submit, background publisher", True, 200.0, "python"),
+            ("plain Celery send_task per map", False, 200.0, "python"),
+            ("submit, background publisher", True, 200.0, "native"),
+            ("plain Celery send_task per map", False, 200.0, "native"),
+            ("submit, background publisher", True, 2000.0, "python"),
         ]:
             settings = Settings(**base, background_publish=background)
             with Producer(settings) as producer:
                 paced_submits(producer, maps, 100, rate)  # warm up connections and caches
                 producer.flush()
                 redis_server.client(0).delete(settings.queue)
-                blocked = paced_submits(producer, maps, args.maps, rate, busy=busy)
+                blocked = paced_submits(producer, maps, args.maps, rate, between=between)
                 producer.flush()
-            label = f"{what} @ {rate:g}/s, loop {'busy' if busy else 'idle'} between maps"
+            label = f"{what} @ {rate:g}/s, loop {BETWEEN[between]}"
             figures[label] = percentiles(blocked)
             wire = broker_bytes_per_map(redis_server, settings.queue, args.maps)
             rows.append((f"broker bytes per map ({label})", f"{wire:,.0f}"))
         # The machine's share: quantizing alone, paced the same way (no producer, no thread).
-        for busy in (False, True):
-            alone = paced_calls(lambda i: to_intensities(maps[i % len(maps)]), args.maps, 200.0, busy=busy)
-            figures[f"to_intensities alone @ 200/s, loop {'busy' if busy else 'idle'} between maps"] = (
-                percentiles(alone)
+        for between in BETWEEN:
+            alone = paced_calls(
+                lambda i: to_intensities(maps[i % len(maps)]), args.maps, 200.0, between=between
             )
+            figures[f"to_intensities alone @ 200/s, loop {BETWEEN[between]}"] = percentiles(alone)
         with Producer(Settings(**base)) as producer:
             items = [(f"many/{i:06d}", maps[i % len(maps)]) for i in range(args.maps)]
             t0 = time.perf_counter()
@@ -130,9 +140,9 @@ def main() -> None:
     print(f"|{'-' * 80}|{'-' * 8}|{'-' * 8}|{'-' * 8}|")
     for label, (p50, p99, worst) in figures.items():
         print(f"| {label:<78} | {p50:6.3f} | {p99:6.3f} | {worst:6.2f} |")
-    for between in ("idle", "busy"):
-        background = figures[f"submit, background publisher @ 200/s, loop {between} between maps"][0]
-        plain = figures[f"plain Celery send_task per map @ 200/s, loop {between} between maps"][0]
+    for between in BETWEEN.values():
+        background = figures[f"submit, background publisher @ 200/s, loop {between}"][0]
+        plain = figures[f"plain Celery send_task per map @ 200/s, loop {between}"][0]
         rows.append(
             (f"plain send_task p50 / submit p50 @ 200/s, loop {between}", f"{plain / background:.1f}x")
         )
