@@ -142,7 +142,7 @@ class RssSampler:
 
 @dataclass
 class Config:
-    storage: str  # "local" or "s3"
+    storage: str  # "local", "s3" (boto3) or "s3-obstore" (ACTMAP_S3_CLIENT=obstore)
     processes: int
     batch_size: int
     maps: int
@@ -206,6 +206,8 @@ class Bench:
             env["ACTMAP_STORAGE_URL"] = f"s3://{bucket}/maps"
             env["ACTMAP_S3_ENDPOINT_URL"] = self.s3.endpoint_url
             env.update(self.s3.env())
+            if config.storage == "s3-obstore":
+                env["ACTMAP_S3_CLIENT"] = "obstore"
         return env
 
     def items(self, prefix: str, count: int) -> Iterator[tuple[str, Any]]:
@@ -301,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--maps", type=int, default=2000, help="maps per configuration (default 2000)")
     parser.add_argument("--processes", default="1,2", help="worker pool sizes (default 1,2)")
-    parser.add_argument("--storage", default="local,s3", help="local, s3 or both (default)")
+    parser.add_argument(
+        "--storage", default="local,s3", help="local, s3 (boto3), s3-obstore; comma-separated (local,s3)"
+    )
     parser.add_argument("--no-batch-1", action="store_true", help="skip the one-map-per-message run")
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip the 10,000-map RSS run"
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     maps = gradcam_maps(224, _DISTINCT_MAPS)
-    need_s3 = "s3" in storages or (args.memory and args.memory_storage == "s3")
+    need_s3 = any(s.startswith("s3") for s in storages) or (args.memory and args.memory_storage != "local")
     outcomes: list[Outcome] = []
     memory: Outcome | None = None
     with tempfile.TemporaryDirectory(prefix="actmap-e2e-") as tmp, ExitStack() as stack:
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcome.per_map_ms(outcome.main_cpu_s),
                 f"{100 * outcome.render_ms / outcome.per_map_ms(outcome.worker_cpu_s):.0f}%",
                 outcome.per_map_ms(outcome.redis_cpu_s),
-                outcome.per_map_ms(outcome.s3_cpu_s) if outcome.config.storage == "s3" else "-",
+                outcome.per_map_ms(outcome.s3_cpu_s) if outcome.config.storage != "local" else "-",
                 outcome.per_map_ms(outcome.producer_cpu_s),
                 outcome.per_map_ms(total),
                 outcome.peak_rss_mb,

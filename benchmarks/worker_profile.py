@@ -9,7 +9,8 @@ its own, wall clock and CPU time of the calling thread, map after map (stages in
   decode   decode_map: inflate, msgpack, validation; result id and object key
   render   version 2: png_from_scanlines (the chunks around the IDAT the producer deflated);
            version 1: render_png at ``png_compress_level`` (ISA-L)
-  store    FileStorage.put into a temporary folder, and S3Storage.put to a private SeaweedFS
+  store    FileStorage.put into a temporary folder, and S3Storage.put (boto3) and
+           ObstoreS3Storage.put (ACTMAP_S3_CLIENT=obstore) to a private SeaweedFS
   log      the INFO line per map of ACTMAP_LOG_EACH_MAP, through Celery's worker logging to a file
   metrics  the Prometheus updates pipeline and task make per map (in memory: no --metrics-port)
   result   ResultStore.succeeded (one SET) and Celery's backend.mark_as_done (GET, then SET +
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         local = FileStorage(root / "maps")
         s3_server = None if args.no_s3 else SeaweedS3().start()
         try:
-            s3_location = s3_lean = None
+            s3_location = s3_obstore = s3_lean = None
             if s3_server is not None:
                 os.environ.update(s3_server.env())
                 bucket = s3_server.create_bucket()
@@ -144,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 s3_location = open_storage(s3_settings)
+                s3_obstore = open_storage(s3_settings.model_copy(update={"s3_client": "obstore"}))
                 s3_lean = _s3_without_crc32(s3_settings, bucket)
             print(
                 f"224² maps, PNG level {settings.png_compress_level}, "
                 f"wire version {settings.wire_version}, wire level {settings.wire_compress_level}, "
                 f"batch {settings.batch_size}, {args.maps} maps per pass\n"
             )
-            stages = _profile_stages(settings, backend, result_store, local, s3_location, s3_lean, args.maps)
-            batches = _profile_batches(settings, local, s3_location, args.maps)
+            stages = _profile_stages(
+                settings, backend, result_store, local, s3_location, s3_obstore, s3_lean, args.maps
+            )
+            batches = _profile_batches(settings, local, s3_location, s3_obstore, args.maps)
         finally:
             if s3_server is not None:
                 s3_server.stop()
@@ -179,6 +183,7 @@ def _profile_stages(
     result_store: Any,
     local: FileStorage,
     s3: StorageLocation | None,
+    s3_obstore: StorageLocation | None,
     s3_lean: S3Storage | None,
     count: int,
 ) -> dict[str, tuple[Stage, str]]:
@@ -196,6 +201,8 @@ def _profile_stages(
     }
     if s3 is not None:
         stages["store S3"] = (Stage(), "S3Storage.put to SeaweedFS on loopback (boto3, Content-MD5)")
+    if s3_obstore is not None:
+        stages["store S3, obstore"] = (Stage(), "ObstoreS3Storage.put, same server (x-amz-checksum-sha256)")
     if s3_lean is not None:
         stages["store S3, no CRC32"] = (Stage(), "same, boto3 request_checksum_calculation=when_required")
     stages["log"] = (Stage(), "ACTMAP_LOG_EACH_MAP's INFO line per map, Celery's handler, to a file")
@@ -216,6 +223,9 @@ def _profile_stages(
         if s3 is not None:
             s3_key = object_key(s3.prefix, f"profile/{index:06d}")
             stages["store S3"][0].time(lambda k=s3_key, png=png: s3.storage.put(k, png))
+        if s3_obstore is not None:
+            ob_key = object_key("obstore", f"profile/{index:06d}")
+            stages["store S3, obstore"][0].time(lambda k=ob_key, png=png: s3_obstore.storage.put(k, png))
         if s3_lean is not None:
             lean_key = object_key("lean", f"profile/{index:06d}")
             stages["store S3, no CRC32"][0].time(lambda k=lean_key, png=png: s3_lean.put(k, png))
@@ -304,12 +314,18 @@ def _pipelined_set(backend: Any, client: Any, batch: list[tuple[str, dict[str, A
 
 
 def _profile_batches(
-    settings: Settings, local: FileStorage, s3: StorageLocation | None, count: int
+    settings: Settings,
+    local: FileStorage,
+    s3: StorageLocation | None,
+    s3_obstore: StorageLocation | None,
+    count: int,
 ) -> list[list[object]]:
     rows = []
     locations = [("local", StorageLocation(local, "batch"))]
     if s3 is not None:
         locations.append(("S3", StorageLocation(s3.storage, "batch")))
+    if s3_obstore is not None:
+        locations.append(("S3, obstore", StorageLocation(s3_obstore.storage, "batch-obstore")))
     for name, location in locations:
         pipeline = Pipeline(settings, location, settings.upload_threads)
         payloads = packed_maps(settings, f"batch-{name}-{os.getpid()}", count, distinct=16)

@@ -6,6 +6,8 @@ import errno
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,8 @@ from producer.keys import object_key
 from producer.settings import Settings
 from worker import storage as storage_module
 from worker.storage import FileStorage, S3Storage, StoredObject, open_storage
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
@@ -319,3 +323,17 @@ def test_a_folder_removed_after_a_first_write_is_made_again(tmp_path: Path) -> N
     shutil.rmtree(tmp_path / "gone")
     files.put("gone/b.png", PNG)
     assert (tmp_path / "gone" / "b.png").read_bytes() == PNG
+
+
+def test_the_obstore_client_without_obstore_installed_is_a_config_error_naming_the_extra() -> None:
+    # A process where obstore cannot be imported, as on a worker installed without the extra.
+    probe = (
+        "import sys\nsys.modules['obstore'] = None\n"
+        "from producer.settings import Settings\nfrom worker.storage import open_storage\n"
+        "from producer.errors import ConfigError\n"
+        "try:\n    open_storage(Settings(storage_url='s3://bucket/maps', s3_client='obstore'))\n"
+        "except ConfigError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.startswith("ACTMAP_S3_CLIENT=obstore, but obstore is not installed"), out
+    assert "pip install 'actmap[obstore]'" in out.stdout
