@@ -1,7 +1,8 @@
 """Where PNGs go: an S3 bucket (any S3-compatible server) or a local folder.
 
-The only module that knows boto3. Every PUT carries Content-MD5, so a body corrupted on
-the way is refused by the server (BadDigest) rather than stored, and retried.
+The only module that knows boto3 and obstore (the two S3 clients, ``ACTMAP_S3_CLIENT``). Every
+PUT carries a checksum of its body (boto3: Content-MD5; obstore: x-amz-checksum-sha256), so a
+body corrupted on the way is refused by the server (BadDigest) rather than stored, and retried.
 """
 
 from __future__ import annotations
@@ -159,9 +160,10 @@ class ObstoreS3Storage:
     """An S3 bucket through obstore (Rust's object_store crate): the same PUT as ``S3Storage``
     for about a sixth of boto3's CPU (``ACTMAP_S3_CLIENT=obstore``).
 
-    Credentials still come from boto3's chain (obstore's boto3 credential provider). Every PUT is
-    signed over the SHA-256 of its body (SigV4 signed payload), so a body corrupted on the way
-    is refused rather than stored, and retried, as Content-MD5 does for boto3.
+    Credentials still come from boto3's chain (obstore's boto3 credential provider). Every PUT
+    carries x-amz-checksum-sha256, so a body corrupted on the way is refused (BadDigest) rather
+    than stored, and retried, as Content-MD5 does for boto3. The SHA-256 a signed payload already
+    carries is not enough: S3-compatible servers need not check it (SeaweedFS does not).
     """
 
     waits_on_network = True
