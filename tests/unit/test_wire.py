@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 import zlib
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -23,6 +24,7 @@ from producer.wire import (
     encode_map,
     validate_colormap,
 )
+from tests.support.wire import decode_refusal, packed
 from worker.colormaps import COLORMAP_NAMES
 
 MAX_PIXELS = 64 * 64
@@ -30,15 +32,9 @@ MAX_MESSAGE_BYTES = 64 * 1024
 FIELDS = ("v", "run", "id", "name", "dtype", "shape", "data", "colormap", "fade")
 
 
-def _decode(payload: object, **limits: int) -> MapMessage:
-    limits = {"max_pixels": MAX_PIXELS, "max_message_bytes": MAX_MESSAGE_BYTES, **limits}
-    return decode_map(payload, **limits)
-
-
-def _refusal(payload: object, **limits: int) -> MapDecodeError:
-    with pytest.raises(MapDecodeError) as info:
-        _decode(payload, **limits)
-    return info.value
+# decode_map and its refusals under this file's limits (a test may pass others).
+_decode = partial(decode_map, max_pixels=MAX_PIXELS, max_message_bytes=MAX_MESSAGE_BYTES)
+_refusal = partial(decode_refusal, max_pixels=MAX_PIXELS, max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 def _fields(**changes: Any) -> dict[str, Any]:
@@ -56,10 +52,6 @@ def _fields(**changes: Any) -> dict[str, Any]:
     }
     fields.update(changes)
     return fields
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
 
 
 def _map(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -140,7 +132,7 @@ def test_validate_colormap_accepts_the_known_names_and_refuses_others() -> None:
 
 
 def test_bytearray_and_memoryview_payloads_are_accepted() -> None:
-    payload = _pack(_fields())
+    payload = packed(_fields())
     assert _decode(bytearray(payload)).image_id == "val/img-001"
     assert _decode(memoryview(payload)).image_id == "val/img-001"
 
@@ -153,7 +145,7 @@ def test_a_payload_that_is_not_bytes_is_refused_naming_its_type(payload: object)
 
 
 def test_a_payload_over_the_size_limit_is_refused_before_it_is_unpacked() -> None:
-    payload = _pack(_fields())
+    payload = packed(_fields())
     error = _refusal(payload, max_message_bytes=len(payload) - 1)
     assert f"is {len(payload)} bytes; expected at most {len(payload) - 1}" in str(error)
     assert error.identity is None
@@ -162,7 +154,7 @@ def test_a_payload_over_the_size_limit_is_refused_before_it_is_unpacked() -> Non
 
 def test_the_size_limit_counts_bytes_of_a_multi_dimensional_memoryview() -> None:
     # Given a 2-D byte view, whose len() is its number of rows, not of bytes...
-    payload = _pack(_fields(data=bytes(64 * 64), shape=[64, 64]))
+    payload = packed(_fields(data=bytes(64 * 64), shape=[64, 64]))
     rows = np.frombuffer(payload + bytes(-len(payload) % 16), dtype=np.uint8).reshape(-1, 16)
     view = memoryview(rows)
     assert len(view) < 1024 < view.nbytes
@@ -171,7 +163,7 @@ def test_the_size_limit_counts_bytes_of_a_multi_dimensional_memoryview() -> None
     assert f"is {view.nbytes} bytes" in str(error)
 
 
-@pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x92\x01", _pack(_fields()) + b"\x00"])
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x92\x01", packed(_fields()) + b"\x00"])
 def test_bytes_that_are_not_one_msgpack_value_are_refused(payload: bytes) -> None:
     error = _refusal(payload)
     assert "not valid msgpack" in str(error)
@@ -182,7 +174,7 @@ def test_bytes_that_are_not_one_msgpack_value_are_refused(payload: bytes) -> Non
     "fields", [_fields(), _fields(dtype="float64", shape=[8, 16, 1], data=bytes(8 * 16 * 8))]
 )
 def test_a_valid_message_cut_short_at_any_length_is_refused(fields: dict[str, Any]) -> None:
-    payload = _pack(fields)
+    payload = packed(fields)
     for length in range(len(payload)):
         with pytest.raises(MapDecodeError):
             _decode(payload[:length])
@@ -190,32 +182,32 @@ def test_a_valid_message_cut_short_at_any_length_is_refused(fields: dict[str, An
 
 @pytest.mark.parametrize("value", [[1, 2], 1, "map", None, b"map", 1.5, True])
 def test_a_message_that_is_not_a_msgpack_map_is_refused_naming_what_it_is(value: object) -> None:
-    error = _refusal(_pack(value))
+    error = _refusal(packed(value))
     assert f"must be a msgpack map, received {type(value).__name__}" in str(error)
     assert error.identity is None
 
 
 def test_a_map_with_non_string_keys_is_refused() -> None:
-    assert _refusal(_pack({1: 2, **_fields()})).identity is None
+    assert _refusal(packed({1: 2, **_fields()})).identity is None
 
 
 @pytest.mark.parametrize("field", [f for f in FIELDS if f != "v"])
 def test_a_message_missing_a_field_is_refused_naming_it(field: str) -> None:
     fields = _fields()
     del fields[field]
-    error = _refusal(_pack(fields))
+    error = _refusal(packed(fields))
     assert f"lacks field(s) {field}" in str(error)
 
 
 def test_a_message_missing_its_version_is_refused_as_of_an_unknown_version() -> None:
     fields = _fields()
     del fields["v"]
-    assert "version is None; this worker reads versions 1 and 2" in str(_refusal(_pack(fields)))
+    assert "version is None; this worker reads versions 1 and 2" in str(_refusal(packed(fields)))
 
 
 @pytest.mark.parametrize("version", [0, 3, -1, "1", None, True, 1.0, [1]])
 def test_a_message_of_another_version_is_refused_saying_which_one_is_read(version: object) -> None:
-    error = _refusal(_pack(_fields(v=version)))
+    error = _refusal(packed(_fields(v=version)))
     assert f"version is {version!r}; this worker reads versions 1 and 2" in str(error)
     assert error.identity == ("run-1", "val/img-001", "cat")
 
@@ -245,7 +237,7 @@ def test_a_message_of_another_version_is_refused_saying_which_one_is_read(versio
 def test_a_field_of_the_wrong_type_is_refused_naming_the_field_and_the_type(
     field: str, value: object, words: str
 ) -> None:
-    error = _refusal(_pack(_fields(**{field: value})))
+    error = _refusal(packed(_fields(**{field: value})))
     assert words in str(error)
     assert isinstance(error, WireFormatError)
 
@@ -267,31 +259,31 @@ def test_a_field_of_the_wrong_type_is_refused_naming_the_field_and_the_type(
     ],
 )
 def test_a_shape_that_is_not_two_or_three_plain_ints_is_refused(shape: list[Any]) -> None:
-    assert "shape must be [h, w] or [h, w, 1] of ints" in str(_refusal(_pack(_fields(shape=shape))))
+    assert "shape must be [h, w] or [h, w, 1] of ints" in str(_refusal(packed(_fields(shape=shape))))
 
 
 @pytest.mark.parametrize("shape", [[2, 3, 3], [2, 3, 4], [2, 3, 0], [2, 3, -1]])
 def test_a_shape_with_other_than_one_channel_is_refused(shape: list[int]) -> None:
     assert f"has {shape[2]} channels; expected [h, w] or [h, w, 1]" in str(
-        _refusal(_pack(_fields(shape=shape)))
+        _refusal(packed(_fields(shape=shape)))
     )
 
 
 @pytest.mark.parametrize("shape", [[0, 3], [2, 0], [0, 0, 1], [-1, 3], [-2, -3]])
 def test_an_empty_or_negative_shape_is_refused(shape: list[int]) -> None:
-    assert "is empty; expected h, w >= 1" in str(_refusal(_pack(_fields(shape=shape, data=b""))))
+    assert "is empty; expected h, w >= 1" in str(_refusal(packed(_fields(shape=shape, data=b""))))
 
 
 def test_a_map_of_exactly_max_pixels_is_accepted_and_one_more_row_is_refused() -> None:
     at_limit = _fields(shape=[64, 64], data=bytes(64 * 64))
-    assert _decode(_pack(at_limit)).array.shape == (64, 64)
-    error = _refusal(_pack(_fields(shape=[65, 64], data=bytes(65 * 64))))
+    assert _decode(packed(at_limit)).array.shape == (64, 64)
+    error = _refusal(packed(_fields(shape=[65, 64], data=bytes(65 * 64))))
     assert f"has {65 * 64} pixels; expected at most {MAX_PIXELS}" in str(error)
 
 
 @pytest.mark.parametrize("shape", [[100_000, 100_000], [2**32, 2**32, 1], [2**64 - 1, 2**64 - 1], [1, 2**63]])
 def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(shape: list[int]) -> None:
-    payload = _pack(_fields(shape=shape, data=b"\x00" * 16))
+    payload = packed(_fields(shape=shape, data=b"\x00" * 16))
     tracemalloc.start()
     try:
         error = _refusal(payload, max_pixels=4096 * 4096, max_message_bytes=1 << 30)
@@ -304,7 +296,7 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(shape: li
 
 def test_a_shape_whose_size_overflows_int64_is_refused_even_under_a_huge_pixel_limit() -> None:
     # Given a limit that lets 2**80 pixels through, the byte count must still be exact.
-    error = _refusal(_pack(_fields(shape=[2**40, 2**40], data=b"")), max_pixels=2**100)
+    error = _refusal(packed(_fields(shape=[2**40, 2**40], data=b"")), max_pixels=2**100)
     assert f"needs {2**80}" in str(error)
 
 
@@ -316,26 +308,26 @@ def test_data_of_the_wrong_length_for_shape_and_dtype_is_refused(
     dtype: str, itemsize: int, delta: int
 ) -> None:
     data = bytes(6 * itemsize + delta)
-    error = _refusal(_pack(_fields(dtype=dtype, data=data)))
+    error = _refusal(packed(_fields(dtype=dtype, data=data)))
     assert f"data is {len(data)} bytes; shape [2, 3] of {dtype} needs {6 * itemsize}" in str(error)
 
 
 @pytest.mark.parametrize("dtype", ["int32", "<f4", "float128", "object", "", "UINT8", "uint8 "])
 def test_an_unknown_dtype_is_refused_naming_it_and_the_known_ones(dtype: str) -> None:
-    error = _refusal(_pack(_fields(dtype=dtype)))
+    error = _refusal(packed(_fields(dtype=dtype)))
     assert f"map dtype is {dtype!r}; expected one of uint8, float16, float32, float64" in str(error)
 
 
 @pytest.mark.parametrize("colormap", ["cividis", "JET", ""])
 def test_an_unknown_colormap_is_refused_naming_it(colormap: str) -> None:
-    error = _refusal(_pack(_fields(colormap=colormap)))
+    error = _refusal(packed(_fields(colormap=colormap)))
     assert f"unknown colormap {colormap!r}; expected one of jet" in str(error)
     assert error.identity == ("run-1", "val/img-001", "cat")
 
 
 @pytest.mark.parametrize("image_id", ["../x", "/etc/passwd", "a\x00b", "x" * 10_240])
 def test_a_hostile_image_id_is_refused_and_still_reported_under_its_identity(image_id: str) -> None:
-    error = _refusal(_pack(_fields(id=image_id)), max_message_bytes=1 << 20)
+    error = _refusal(packed(_fields(id=image_id)), max_message_bytes=1 << 20)
     assert isinstance(error.__cause__, PermanentError)
     assert error.identity == ("run-1", image_id, "cat")
 
@@ -357,11 +349,11 @@ def test_a_hostile_image_id_is_refused_and_still_reported_under_its_identity(ima
 def test_identity_is_carried_when_run_id_and_name_are_readable_and_none_otherwise(
     changes: dict[str, Any], identity: tuple[str, str, str | None] | None
 ) -> None:
-    assert _refusal(_pack(_fields(**changes))).identity == identity
+    assert _refusal(packed(_fields(**changes))).identity == identity
 
 
 def test_a_decoded_map_is_read_only_and_does_not_copy_the_data() -> None:
-    array = _decode(_pack(_fields())).array
+    array = _decode(packed(_fields())).array
     assert not array.flags.writeable
     assert array.tolist() == [[0, 1, 2], [3, 4, 5]]
 
@@ -388,9 +380,9 @@ def _decode_or_refuse(payload: bytes) -> None:
 
 
 _VALID_MESSAGES = [
-    _pack(_fields()),
-    _pack(_fields(name=None, dtype="float16", shape=[3, 2, 1], data=np.ones(6, np.float16).tobytes())),
-    _pack(_fields(dtype="float64", shape=[1, 4], data=np.zeros(4).tobytes(), fade=False)),
+    packed(_fields()),
+    packed(_fields(name=None, dtype="float16", shape=[3, 2, 1], data=np.ones(6, np.float16).tobytes())),
+    packed(_fields(dtype="float64", shape=[1, 4], data=np.zeros(4).tobytes(), fade=False)),
 ]
 
 
@@ -472,8 +464,8 @@ def test_mutated_valid_messages_are_decoded_or_refused_with_a_map_decode_error(p
 def test_msgpack_of_arbitrary_nested_values_is_refused_with_a_map_decode_error(
     value: object, compressed: bool
 ) -> None:
-    packed = _pack(value)
-    _decode_or_refuse(zlib.compress(packed) if compressed else packed)
+    message = packed(value)
+    _decode_or_refuse(zlib.compress(message) if compressed else message)
 
 
 @FUZZ
@@ -481,7 +473,7 @@ def test_msgpack_of_arbitrary_nested_values_is_refused_with_a_map_decode_error(
 def test_valid_looking_messages_with_random_fields_are_decoded_or_refused_cleanly(
     fields: dict[str, Any],
 ) -> None:
-    _decode_or_refuse(_pack(fields))
+    _decode_or_refuse(packed(fields))
 
 
 @settings(database=None, deadline=None, max_examples=200)

@@ -10,6 +10,7 @@ import io
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -31,6 +32,7 @@ from producer.wire import (
     decode_map,
     pack_map,
 )
+from tests.support.wire import decode_refusal, packed
 from worker.render import colorize, png_from_scanlines, render_png
 
 MAX_PIXELS = 512 * 512
@@ -42,24 +44,14 @@ PNG_LEVELS = [0, 1, 2, 3]
 Map = npt.NDArray[np.uint8]
 
 
-def _decode(payload: object, **limits: int) -> MapMessage:
-    limits = {"max_pixels": MAX_PIXELS, "max_message_bytes": MAX_MESSAGE_BYTES, **limits}
-    return decode_map(payload, **limits)
-
-
-def _refusal(payload: object, **limits: int) -> MapDecodeError:
-    with pytest.raises(MapDecodeError) as info:
-        _decode(payload, **limits)
-    return info.value
+# decode_map and its refusals under this file's limits (a test may pass others).
+_decode = partial(decode_map, max_pixels=MAX_PIXELS, max_message_bytes=MAX_MESSAGE_BYTES)
+_refusal = partial(decode_refusal, max_pixels=MAX_PIXELS, max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 def _scanlines_of(message: MapMessage) -> Scanlines:
     assert isinstance(message.array, Scanlines), type(message.array)
     return message.array
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
 
 
 def _unpack(payload: bytes) -> dict[str, Any]:
@@ -129,7 +121,7 @@ SMALL_NEEDS = "shape [3, 4] needs 3 rows of 1 + 4 bytes, 15"
 
 
 def _assert_scanlines_refused(stream: bytes, says: str, shape: tuple[int, int] = (3, 4)) -> MapDecodeError:
-    error = _refusal(_pack(_v2_fields(scanlines=stream, shape=list(shape))))
+    error = _refusal(packed(_v2_fields(scanlines=stream, shape=list(shape))))
     assert says in str(error)
     assert isinstance(error, WireFormatError)
     assert isinstance(error, PermanentError)
@@ -321,7 +313,7 @@ def test_a_version_2_message_built_by_hand_by_a_foreign_producer_decodes_and_ren
         "zlib-0": lambda: zlib.compress(rows, 0),
         "row-by-row": lambda: _zlib_row_by_row(rows, width + 1),
     }[deflate]()
-    payload = _pack(_v2_fields(shape=[height, width], scanlines=stream, colormap="magma", fade=False))
+    payload = packed(_v2_fields(shape=[height, width], scanlines=stream, colormap="magma", fade=False))
 
     # ...when the worker decodes it and makes its PNG...
     decoded = _decode(payload)
@@ -336,7 +328,7 @@ def test_a_version_2_message_built_by_hand_by_a_foreign_producer_decodes_and_ren
 
 
 def test_a_version_2_message_sent_as_a_zlib_stream_as_a_whole_decodes() -> None:
-    payload = zlib.compress(_pack(_v2_fields()), 6)
+    payload = zlib.compress(packed(_v2_fields()), 6)
     assert payload[:1] == b"\x78"
     np.testing.assert_array_equal(_scanlines_of(_decode(payload)).intensities(), SMALL_MAP)
 
@@ -347,7 +339,7 @@ def test_a_zlib_header_declaring_any_window_zlib_allows_is_read_and_renders(cinf
     # smaller than the smallest window, 256 bytes, so every one of these streams is valid.
     stream = _with_zlib_window(zlib.compress(SMALL_ROWS, 9), cinfo)
     assert zlib.decompress(stream) == SMALL_ROWS
-    decoded = _decode(_pack(_v2_fields(scanlines=stream)))
+    decoded = _decode(packed(_v2_fields(scanlines=stream)))
     png = png_from_scanlines(_scanlines_of(decoded), "jet", True)
     np.testing.assert_array_equal(_png_rgba(png), colorize(SMALL_MAP, "jet", True))
 
@@ -405,8 +397,8 @@ def test_a_scanlines_bomb_is_refused_without_inflating_it_whole() -> None:
     needed = height * (width + 1)
     bomb = zlib.compress(bytes(100 * needed), 9)
     assert len(bomb) < needed / 10
-    payload = _pack(_v2_fields(shape=[height, width], scanlines=bomb))
-    _decode(_pack(_v2_fields()))  # a first decode's one-off allocations are not the bomb's
+    payload = packed(_v2_fields(shape=[height, width], scanlines=bomb))
+    _decode(packed(_v2_fields()))  # a first decode's one-off allocations are not the bomb's
 
     # ...when it is decoded...
     tracemalloc.start()
@@ -429,7 +421,7 @@ def test_scanlines_cut_short_at_any_length_are_refused() -> None:
     stream = zlib.compress(SMALL_ROWS, 9)
     for length in range(len(stream)):
         with pytest.raises(MapDecodeError):
-            _decode(_pack(_v2_fields(scanlines=stream[:length])))
+            _decode(packed(_v2_fields(scanlines=stream[:length])))
     _assert_scanlines_refused(stream[:-4], "truncated zlib stream (15 bytes inflated)")  # no Adler-32
     _assert_scanlines_refused(stream[: len(stream) // 2], "truncated zlib stream")
     _assert_scanlines_refused(b"", f"truncated zlib stream (0 bytes inflated); {SMALL_NEEDS}")
@@ -510,7 +502,7 @@ def test_of_several_rows_with_unknown_filter_types_the_first_is_named() -> None:
 
 @pytest.mark.parametrize("shape", [[3, 4, 1], [3], [3, 4, 1, 1]])
 def test_a_version_2_shape_other_than_h_w_is_refused(shape: list[int]) -> None:
-    error = _refusal(_pack(_v2_fields(shape=shape)))
+    error = _refusal(packed(_v2_fields(shape=shape)))
     assert f"map shape of a version 2 message must be [h, w], received {shape!r}" in str(error)
     assert error.identity == IDENTITY
 
@@ -527,7 +519,7 @@ def test_a_version_2_shape_other_than_h_w_is_refused(shape: list[int]) -> None:
     ],
 )
 def test_a_version_2_shape_that_is_not_two_positive_ints_is_refused(shape: object, words: str) -> None:
-    error = _refusal(_pack(_v2_fields(shape=shape)))
+    error = _refusal(packed(_v2_fields(shape=shape)))
     assert words in str(error)
     assert error.identity == IDENTITY
 
@@ -535,7 +527,7 @@ def test_a_version_2_shape_that_is_not_two_positive_ints_is_refused(shape: objec
 def test_a_version_2_message_missing_its_scanlines_is_refused_naming_them() -> None:
     fields = _v2_fields()
     del fields["scanlines"]
-    error = _refusal(_pack(fields))
+    error = _refusal(packed(fields))
     assert "map message lacks field(s) scanlines" in str(error)
     assert error.identity == IDENTITY
 
@@ -543,11 +535,11 @@ def test_a_version_2_message_missing_its_scanlines_is_refused_naming_them() -> N
 def test_a_version_2_message_with_version_1_data_instead_of_scanlines_is_refused() -> None:
     fields = _v2_fields(dtype="uint8", data=SMALL_MAP.tobytes())
     del fields["scanlines"]
-    assert "lacks field(s) scanlines" in str(_refusal(_pack(fields)))
+    assert "lacks field(s) scanlines" in str(_refusal(packed(fields)))
 
 
 def test_a_version_1_message_with_scanlines_instead_of_dtype_and_data_is_refused() -> None:
-    assert "lacks field(s) data, dtype" in str(_refusal(_pack(_v2_fields(v=1))))
+    assert "lacks field(s) data, dtype" in str(_refusal(packed(_v2_fields(v=1))))
 
 
 @pytest.mark.parametrize(
@@ -560,24 +552,24 @@ def test_a_version_1_message_with_scanlines_instead_of_dtype_and_data_is_refused
     ],
 )
 def test_scanlines_that_are_not_bytes_are_refused_naming_the_type(value: object, kind: str) -> None:
-    error = _refusal(_pack(_v2_fields(scanlines=value)))
+    error = _refusal(packed(_v2_fields(scanlines=value)))
     assert f"map field 'scanlines' must be bytes, received {kind}" in str(error)
     assert error.identity == IDENTITY
 
 
 def test_a_version_2_map_of_exactly_max_pixels_is_read_and_one_more_row_is_refused() -> None:
     tall = SMALL_MAP.reshape(4, 3)
-    at_limit = _pack(_v2_fields(shape=[4, 3], scanlines=zlib.compress(sub_filtered(tall).tobytes())))
+    at_limit = packed(_v2_fields(shape=[4, 3], scanlines=zlib.compress(sub_filtered(tall).tobytes())))
     np.testing.assert_array_equal(_scanlines_of(_decode(at_limit, max_pixels=12)).intensities(), tall)
 
-    error = _refusal(_pack(_v2_fields(shape=[5, 3])), max_pixels=12)
+    error = _refusal(packed(_v2_fields(shape=[5, 3])), max_pixels=12)
     assert "map shape [5, 3] has 15 pixels; expected at most 12" in str(error)
     assert error.identity == IDENTITY
 
 
 def test_a_huge_version_2_shape_is_refused_before_its_scanlines_are_inflated() -> None:
     bomb = zlib.compress(bytes(64 << 20), 9)
-    payload = _pack(_v2_fields(shape=[100_000, 100_000], scanlines=bomb))
+    payload = packed(_v2_fields(shape=[100_000, 100_000], scanlines=bomb))
     tracemalloc.start()
     try:
         error = _refusal(payload)
@@ -590,7 +582,7 @@ def test_a_huge_version_2_shape_is_refused_before_its_scanlines_are_inflated() -
 
 @pytest.mark.parametrize("version", [3, 0, "2", 2.0, True])
 def test_a_message_of_an_unknown_version_is_refused_saying_which_are_read(version: object) -> None:
-    error = _refusal(_pack(_v2_fields(v=version)))
+    error = _refusal(packed(_v2_fields(v=version)))
     assert f"map message version is {version!r}; this worker reads versions 1 and 2" in str(error)
     assert error.identity == IDENTITY
 
@@ -604,7 +596,7 @@ SMALL_SHAPES = st.tuples(st.integers(1, 8), st.integers(1, 8))
 def _decode_or_refuse(stream: bytes, shape: tuple[int, int]) -> None:
     """Decode; a refusal must be a MapDecodeError, and a success must match the declared shape."""
     try:
-        decoded = _decode(_pack(_v2_fields(shape=list(shape), scanlines=stream)), max_pixels=64)
+        decoded = _decode(packed(_v2_fields(shape=list(shape), scanlines=stream)), max_pixels=64)
     except MapDecodeError as exc:
         assert isinstance(exc, PermanentError)
         assert exc.identity == IDENTITY
