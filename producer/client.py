@@ -1,7 +1,8 @@
 """The producer: submit activation maps from the GPU loop, collect their results later.
 
-``submit`` validates and quantizes the map and packs it; a background thread publishes the
-packed maps in batches (see producer.publisher), so the loop does not wait on the broker.
+``submit`` validates and quantizes the map; a background publisher — a thread
+(producer.publisher) or a process of its own (producer.publisher_process) — packs and
+publishes the maps in batches (producer.sender), so the loop does not wait on the broker.
 Rendering, encoding and uploading happen on the workers. ``collect`` reads the results of
 many maps per round trip from the result backend, keyed by run id, image id and map name,
 so any process that knows the run id can collect them.
@@ -12,33 +13,33 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import math
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from celery import states
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 from tqdm import tqdm
 
-from producer.celery_config import TASK_NAME, make_celery
+from producer.celery_config import make_celery
 from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
 from producer.intensity import host_array, to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
 from producer.publisher import BackgroundPublisher
-from producer.redelivery import UNACKED_KEY, LostMapRedelivery
+from producer.publisher_process import ProcessPublisher
+from producer.redelivery import LostMapRedelivery
 from producer.result_poller import poll_results
 from producer.results import MapResult
+from producer.sender import MapSender, Outgoing
 from producer.settings import Settings
-from producer.wire import MapMessage, pack_map, validate_colormap
+from producer.wire import MapMessage, validate_colormap
 
 log = logging.getLogger("actmap.producer")
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Collected results whose kept payloads are dropped at once (producer.redelivery).
+FORGET_EVERY = 1024
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,6 @@ class PendingMap:
 
 
 CollectItem = PendingMap | str | tuple[str, str | None]
-# What the publisher carries: a map submitted (packed when published) or one packed already
-# (a map sent again by producer.redelivery).
-Outgoing = MapMessage | bytes
 MapItem = tuple[str, Any] | tuple[str, Any, str | None]
 
 
@@ -76,24 +74,30 @@ class Producer:
         if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(f"run id {self.run_id!r} is not valid; expected 1-128 of A-Z a-z 0-9 . _ -")
         self._app = make_celery(self.settings, "actmap-producer")
-        self._publisher: BackgroundPublisher[Outgoing] | None = None
-        if self.settings.background_publish:
+        in_process = self.settings.background_publish and self.settings.background_publisher == "process"
+        # Packs and publishes here, unless a publisher process does; it also tells whether the broker is idle.
+        self._sender = MapSender(self.settings, self._app, resend=None if in_process else self._send)
+        self._publisher: BackgroundPublisher[Outgoing] | ProcessPublisher | None = None
+        if in_process:
+            self._publisher = ProcessPublisher(self.settings)
+        elif self.settings.background_publish:
             self._publisher = BackgroundPublisher(
-                self._publish,
+                self._sender.send,
                 capacity=self.settings.publish_buffer_maps,
                 batch_size=self.settings.batch_size,
                 linger_s=self.settings.publish_linger_s,
             )
+        if self._publisher is not None:
             # A script that never calls close() still gets its maps published on exit.
             atexit.register(self._close_at_exit)
+        # The maps packed for a resend are kept where they are packed: here, or in the publisher process.
         self._redelivery: LostMapRedelivery | None = None
-        self._broker_client: redis.Redis | None = None
-        if self.settings.redeliver_lost and self.settings.uses_redis_broker():
+        resend = self._publisher.resend if isinstance(self._publisher, ProcessPublisher) else None
+        if self._sender.kept is not None:
+            resend = self._sender.kept.resend
+        if resend is not None and self.settings.redeliver_lost and self.settings.uses_redis_broker():
             self._redelivery = LostMapRedelivery(
-                self._send,
-                self._broker_is_idle,
-                max_bytes=self.settings.redeliver_buffer_mb << 20,
-                check_every_s=self.settings.restore_interval_s,
+                resend, self._sender.broker_is_idle, check_every_s=self.settings.restore_interval_s
             )
         self._closed = False
 
@@ -143,7 +147,7 @@ class Producer:
 
     def _send(self, outgoing: Sequence[Outgoing]) -> None:
         if self._publisher is None:
-            self._publish(outgoing)
+            self._sender.send(outgoing)
             return
         for item in outgoing:
             self._publisher.put(item, timeout_s=self.settings.publish_timeout_s)
@@ -168,46 +172,6 @@ class Producer:
         return PendingMap(self.run_id, image_id, name), MapMessage(
             self.run_id, image_id, name, array, colormap, fade
         )
-
-    def _publish(self, outgoing: Sequence[Outgoing]) -> None:
-        """Pack and send maps in one Celery message (the publisher thread's work)."""
-        payloads = [item if isinstance(item, bytes) else self._pack(item) for item in outgoing]
-        timeout = self.settings.publish_timeout_s
-        try:
-            self._app.send_task(
-                TASK_NAME,
-                args=[payloads],
-                # What Flower and the logs show for the arguments; Celery's own repr of megabytes
-                # of map bytes would cost more than the rest of the publish.
-                argsrepr=f"[<{len(payloads)} map message(s)>]",
-                kwargsrepr="{}",
-                queue=self.settings.queue,
-                ignore_result=True,  # results are per map, stored by the worker under their own ids
-                retry=True,
-                # About one attempt a second for publish_timeout_s (kombu bounds retries by count).
-                retry_policy={
-                    "max_retries": max(1, math.ceil(timeout)),
-                    "interval_start": 0,
-                    "interval_step": 0.5,
-                    "interval_max": 1,
-                },
-            )
-        except (OperationalError, OSError) as exc:
-            broker = maybe_sanitize_url(self.settings.effective_broker_url)
-            raise BrokerError(
-                f"could not publish {len(payloads)} map(s) to {broker} within {timeout:g} s: {exc}"
-            ) from exc
-
-    def _pack(self, message: MapMessage) -> bytes:
-        payload = pack_map(
-            message,
-            version=self.settings.wire_version,
-            png_level=self.settings.png_compress_level,
-            compress_level=self.settings.wire_compress_level,
-        )
-        if self._redelivery is not None:
-            self._redelivery.remember(result_id(message.run_id, message.image_id, message.name), payload)
-        return payload
 
     # -- collecting -------------------------------------------------------------------
 
@@ -250,31 +214,30 @@ class Producer:
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         # Reads a window of the oldest pending ids per poll, not all of them (producer.result_poller).
         redelivery = self._redelivery
-        for rid, meta in poll_results(
-            self._app.backend,
-            ids,
-            timeout=timeout,
-            interval_s=interval_s,
-            between_polls=None if redelivery is None else redelivery.check,
-        ):
-            if redelivery is not None:
-                redelivery.collected([rid])
-            yield rid, meta
-
-    def _broker_is_idle(self) -> bool:
-        """Whether the Redis broker holds no message of our queue, queued or unacknowledged."""
+        collected: list[str] = []
         try:
-            if self._broker_client is None:
-                self._broker_client = redis.Redis.from_url(
-                    self.settings.effective_broker_url, socket_timeout=5, socket_connect_timeout=5
-                )
-            pipe = self._broker_client.pipeline(transaction=False)
-            pipe.llen(self.settings.queue)
-            pipe.hlen(UNACKED_KEY)
-            queued, unacked = pipe.execute()
-        except (redis.RedisError, OSError):
-            return False  # cannot tell: do not send anything twice on a guess
-        return bool(queued == 0 and unacked == 0)
+            for rid, meta in poll_results(
+                self._app.backend,
+                ids,
+                timeout=timeout,
+                interval_s=interval_s,
+                between_polls=None if redelivery is None else redelivery.check,
+            ):
+                if redelivery is not None:
+                    collected.append(rid)
+                    if len(collected) >= FORGET_EVERY:
+                        self._forget(collected)
+                        collected = []
+                yield rid, meta
+        finally:
+            self._forget(collected)
+
+    def _forget(self, result_ids: list[str]) -> None:
+        """Drop the kept payloads of maps whose results are collected (producer.redelivery)."""
+        if self._sender.kept is not None:
+            self._sender.kept.collected(result_ids)
+        elif isinstance(self._publisher, ProcessPublisher) and self._redelivery is not None:
+            self._publisher.collected(result_ids)
 
     def _pending(self, item: CollectItem) -> PendingMap:
         if isinstance(item, PendingMap):
@@ -309,8 +272,7 @@ class Producer:
                 self._publisher.close(self.settings.flush_timeout_s)
         finally:
             self._app.close()
-            if self._broker_client is not None:
-                self._broker_client.close()
+            self._sender.close()
 
     def _close_at_exit(self) -> None:
         try:

@@ -49,6 +49,15 @@ class BackgroundPublisher(Generic[Item]):
         with self._changed:
             return self._accepted - self._published
 
+    def wait_for_progress(self, seen: tuple[int, str | None], timeout_s: float) -> tuple[int, str | None]:
+        """(maps published, last publish error) once they differ from ``seen``, or after ``timeout_s``."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._progress() != seen, timeout=timeout_s)
+            return self._progress()
+
+    def _progress(self) -> tuple[int, str | None]:
+        return self._published, None if self._last_error is None else str(self._last_error)
+
     def put(self, item: Item, timeout_s: float) -> None:
         """Buffer one map; blocks while the buffer is full, up to ``timeout_s``."""
         with self._changed:

@@ -12,8 +12,9 @@ apart. Then nothing can still produce that result: a map being rendered, waiting
 retry or held by a worker is unacknowledged. Sending again is safe: the same object key,
 the same bytes, and a success is never overwritten.
 
-Payloads are kept until their result is collected, up to ``max_bytes`` (oldest dropped).
-They are remembered by the publisher thread as it packs them, and dropped by ``collect``'s.
+Payloads are kept until their result is collected, up to ``max_bytes`` (oldest dropped),
+by whatever packs them (the publisher thread, or the publisher process), and dropped as
+``collect`` reads their results.
 """
 
 from __future__ import annotations
@@ -30,25 +31,15 @@ log = logging.getLogger("actmap.producer")
 UNACKED_KEY = "unacked"
 
 
-class LostMapRedelivery:
-    def __init__(
-        self,
-        send: Callable[[list[bytes]], None],
-        broker_is_idle: Callable[[], bool],
-        *,
-        max_bytes: int,
-        check_every_s: float,
-    ) -> None:
+class KeptPayloads:
+    """The packed maps, by result id, until their result is collected; at most ``max_bytes``."""
+
+    def __init__(self, send: Callable[[list[bytes]], None], *, max_bytes: int) -> None:
         self._send = send
-        self._broker_is_idle = broker_is_idle
         self._max_bytes = max_bytes
-        self._check_every_s = check_every_s
         self._payloads: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()  # remember runs in the publisher thread, the rest in collect's
         self._bytes = 0
-        self._last_check = 0.0
-        self._idle_since_check = False
-        self.redelivered = 0
 
     def remember(self, result_id: str, payload: bytes) -> None:
         with self._lock:
@@ -68,6 +59,37 @@ class LostMapRedelivery:
                 if payload is not None:
                     self._bytes -= len(payload)
 
+    def resend(self, result_ids: Iterable[str]) -> int:
+        """Send again the kept maps among ``result_ids``; returns how many."""
+        with self._lock:
+            lost = [self._payloads[rid] for rid in result_ids if rid in self._payloads]
+        if lost:
+            log.warning(
+                "%d map(s) have no result and the broker holds no work: the broker lost them; "
+                "sending them again",
+                len(lost),
+            )
+            self._send(lost)
+        return len(lost)
+
+
+class LostMapRedelivery:
+    """Decides when maps are lost: their result missing, the broker idle on two checks in a row."""
+
+    def __init__(
+        self,
+        resend: Callable[[list[str]], int],
+        broker_is_idle: Callable[[], bool],
+        *,
+        check_every_s: float,
+    ) -> None:
+        self._resend = resend
+        self._broker_is_idle = broker_is_idle
+        self._check_every_s = check_every_s
+        self._last_check = 0.0
+        self._idle_since_check = False
+        self.redelivered = 0
+
     def check(self, missing: Callable[[], Iterable[str]]) -> int:
         """Call while waiting; sends again the missing maps if the broker stayed idle. Returns how many.
 
@@ -82,16 +104,8 @@ class LostMapRedelivery:
         self._idle_since_check = idle
         if not confirmed:
             return 0
-        ids = list(missing())
-        with self._lock:
-            lost = [(rid, self._payloads[rid]) for rid in ids if rid in self._payloads]
-        if not lost:
-            return 0
-        log.warning(
-            "%d map(s) have no result and the broker holds no work: the broker lost them; sending them again",
-            len(lost),
-        )
-        self._send([payload for _, payload in lost])
-        self.redelivered += len(lost)
-        self._idle_since_check = False  # the broker has work again; look anew before another round
-        return len(lost)
+        sent = self._resend(list(missing()))
+        if sent:
+            self.redelivered += sent
+            self._idle_since_check = False  # the broker has work again; look anew before another round
+        return sent

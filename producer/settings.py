@@ -80,7 +80,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="How long a publish retries an unreachable broker."
     )
     background_publish: bool = Field(
-        True, description="Publish from a background thread: submit returns at once."
+        True, description="Publish in the background (a thread or a process): submit returns at once."
+    )
+    background_publisher: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where the background publisher runs: a thread, or a process of its own (submit's p99 "
+        "stays low even when the caller's loop holds the GIL in Python; one more process, ~1 s to start).",
     )
     publish_buffer_maps: int = Field(
         10_000, ge=1, description="Maps the background publisher holds before submit blocks."

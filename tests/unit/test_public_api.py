@@ -38,7 +38,7 @@ def test_every_name_in_dunder_all_exists() -> None:
 
 
 def _packed(producer: Producer, cam: np.ndarray) -> bytes:
-    return producer._pack(producer._prepare("a", cam, None, "jet", True)[1])
+    return producer._sender._pack(producer._prepare("a", cam, None, "jet", True)[1])
 
 
 def test_float_maps_are_sent_quantized_by_default_a_quarter_of_the_bytes(tmp_path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.redelivery import LostMapRedelivery
+from producer.redelivery import KeptPayloads, LostMapRedelivery
 
 
 class Broker:
@@ -16,8 +16,19 @@ class Broker:
         self.sent.append(payloads)
 
 
-def redelivery(broker: Broker, max_bytes: int = 1 << 20) -> LostMapRedelivery:
-    return LostMapRedelivery(broker.send, lambda: broker.idle, max_bytes=max_bytes, check_every_s=0)
+class Redelivery:
+    """The producer's pair: the payloads kept, and the check that sends lost ones again."""
+
+    def __init__(self, broker: Broker, max_bytes: int) -> None:
+        self.kept = KeptPayloads(broker.send, max_bytes=max_bytes)
+        self.lost = LostMapRedelivery(self.kept.resend, lambda: broker.idle, check_every_s=0)
+        self.remember = self.kept.remember
+        self.collected = self.kept.collected
+        self.check = self.lost.check
+
+
+def redelivery(broker: Broker, max_bytes: int = 1 << 20) -> Redelivery:
+    return Redelivery(broker, max_bytes)
 
 
 def test_missing_maps_are_sent_again_only_after_two_idle_checks_in_a_row() -> None:
@@ -31,7 +42,7 @@ def test_missing_maps_are_sent_again_only_after_two_idle_checks_in_a_row() -> No
     assert lost.check(lambda: {"r2"}) == 1  # idle twice: nothing can still produce r2's result
     assert broker.sent == [[b"map-2"]]
     assert lost.check(lambda: {"r2"}) == 0  # the broker has work again: look anew first
-    assert lost.redelivered == 1
+    assert lost.lost.redelivered == 1
 
 
 def test_collected_maps_are_forgotten_and_never_sent_again() -> None:

@@ -1,0 +1,139 @@
+"""The publisher process: maps in on stdin, reports out on stdout (see producer.publisher_process).
+
+Input is a stream of msgpack frames: first ``["settings", json]``, then ``["map", ...]``
+(producer.publisher_process.map_frame), ``["collected", ids]`` and ``["resend", ids]``.
+Output is a stream of ``[maps published so far, last publish error or None]``, the first
+one as soon as it is ready. At the end of its input (the producer closed, or its process
+died) it publishes what it holds, within ``flush_timeout_s``, and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import msgpack
+
+from producer.celery_config import make_celery
+from producer.errors import BrokerError
+from producer.publisher import BackgroundPublisher
+from producer.publisher_process import message_from_frame
+from producer.sender import MapSender, Outgoing
+from producer.settings import Settings
+
+log = logging.getLogger("actmap.producer")
+
+# The producer bounds what is unsent (publish_buffer_maps); this process takes all it is given.
+UNBOUNDED = 1 << 62
+
+
+class Reporter:
+    """Writes the publisher's progress to the producer, each time it changes."""
+
+    def __init__(self, publisher: BackgroundPublisher[Outgoing], out_fd: int) -> None:
+        self._publisher = publisher
+        self._out_fd = out_fd
+        self._seen: tuple[int, str | None] = (0, None)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.write(self._seen)  # ready
+        self._thread = threading.Thread(target=self._run, name="actmap-publisher-reports", daemon=True)
+        self._thread.start()
+
+    def write(self, progress: tuple[int, str | None]) -> None:
+        data = memoryview(msgpack.packb(list(progress)))
+        with self._lock:
+            while data:
+                data = data[os.write(self._out_fd, data) :]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            progress = self._publisher.wait_for_progress(self._seen, timeout_s=0.5)
+            if progress != self._seen:
+                self._seen = progress
+                try:
+                    self.write(progress)
+                except BrokenPipeError:
+                    return  # the producer is gone; what is left is published at end of input
+
+
+def main() -> None:
+    # Reports go to the real stdout; anything else that prints goes to stderr, not into them.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    # Ctrl-C in a terminal reaches the whole process group: the producer's exit (its atexit
+    # close) ends this process once it has published, not the signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s actmap publisher process: %(message)s")
+    frames = msgpack.Unpacker(max_buffer_size=1 << 31)
+    in_fd = sys.stdin.fileno()
+    kind, settings_json = _next_frame(frames, in_fd) or ("", "")
+    if kind != "settings":
+        sys.exit("actmap publisher process: expected its settings first")
+    settings = Settings.model_validate_json(settings_json)
+    app = make_celery(settings, "actmap-publisher")
+    sender: MapSender
+    publisher: BackgroundPublisher[Outgoing] = BackgroundPublisher(
+        lambda batch: sender.send(batch),
+        capacity=UNBOUNDED,
+        batch_size=settings.batch_size,
+        linger_s=settings.publish_linger_s,
+    )
+    # Maps lost by the broker go out again straight away (rare, and the broker was just idle).
+    sender = MapSender(settings, app, resend=lambda payloads: sender.send(payloads))
+    reporter = Reporter(publisher, out_fd)
+    while (frame := _next_frame(frames, in_fd)) is not None:
+        _handle(frame, publisher, sender)
+    code = 0
+    try:
+        publisher.close(settings.flush_timeout_s)
+    except BrokerError as exc:
+        log.error("exiting with maps unpublished: %s", exc)
+        code = 1
+    reporter.stop()
+    with contextlib.suppress(BrokenPipeError):
+        reporter.write(publisher.wait_for_progress((-1, None), timeout_s=0))
+    app.close()
+    sender.close()
+    sys.exit(code)
+
+
+def _handle(frame: list[Any], publisher: BackgroundPublisher[Outgoing], sender: MapSender) -> None:
+    kind = frame[0]
+    if kind == "map":
+        publisher.put(message_from_frame(frame), timeout_s=0)
+    elif kind == "packed":
+        publisher.put(frame[1], timeout_s=0)
+    elif kind == "collected" and sender.kept is not None:
+        sender.kept.collected(frame[1])
+    elif kind == "resend" and sender.kept is not None:
+        try:
+            sender.kept.resend(frame[1])
+        except BrokerError as exc:
+            log.warning("could not send lost maps again: %s", exc)
+
+
+def _next_frame(frames: msgpack.Unpacker, in_fd: int) -> list[Any] | None:
+    """The next frame from the producer, or None at the end of its input."""
+    while True:
+        try:
+            return frames.unpack()  # type: ignore[no-any-return]
+        except msgpack.OutOfData:
+            pass
+        data = os.read(in_fd, 1 << 20)
+        if not data:
+            return None
+        frames.feed(data)
+
+
+if __name__ == "__main__":
+    main()

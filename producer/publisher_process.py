@@ -1,0 +1,220 @@
+"""The background publisher in a process of its own (``background_publisher = "process"``).
+
+A publisher thread shares the caller's GIL: a loop that spins in Python between maps
+gets it back only when the thread lets go, which shows in ``submit``'s p99. Here the
+caller's process runs no thread of ours: ``put`` writes the quantized map to a pipe (one
+copy, one system call) and returns; ``python -m producer.publisher_child`` reads it, packs
+it and publishes it in batches with the same ``BackgroundPublisher`` and ``MapSender`` the
+thread uses, and reports back how many maps the broker has taken.
+
+Same guarantees as the thread: what ``put`` accepted is published or reported; at most
+``publish_buffer_maps`` unsent, then ``put`` blocks and raises BrokerError after its
+timeout; ``flush`` waits for every map put so far. If this process dies, the publisher
+process still publishes what it holds, then exits. If the publisher process dies, the
+next call raises BrokerError saying how many maps it held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import msgpack
+import numpy as np
+
+from producer.errors import BrokerError, ConfigError
+from producer.sender import Outgoing
+from producer.settings import Settings
+from producer.wire import MapMessage
+
+# The pipe's buffer (Linux): a few maps in flight while the publisher process reads.
+PIPE_BYTES = 1 << 20
+# How long the publisher process may take to start (import Celery, read its settings).
+START_TIMEOUT_S = 60.0
+
+
+def map_frame(message: Outgoing) -> list[Any]:
+    if isinstance(message, bytes):
+        return ["packed", message]  # a map packed already: sent again by producer.redelivery
+    array = np.ascontiguousarray(message.array)
+    return [
+        "map",
+        message.run_id,
+        message.image_id,
+        message.name,
+        message.colormap,
+        message.fade_low_activation,
+        array.dtype.str,
+        list(array.shape),
+        array.data.cast("B"),
+    ]
+
+
+def message_from_frame(frame: list[Any]) -> MapMessage:
+    _, run_id, image_id, name, colormap, fade, dtype, shape, data = frame
+    array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    return MapMessage(run_id, image_id, name, array, colormap, fade)
+
+
+class ProcessPublisher:
+    def __init__(self, settings: Settings) -> None:
+        self._capacity = settings.publish_buffer_maps
+        self._lock = threading.Lock()
+        self._accepted = 0  # maps put so far
+        self._published = 0  # maps the broker has taken so far, as last reported
+        self._last_error: str | None = None
+        self._closing = False
+        self._reports = 0  # reports read from the publisher process
+        self._status = msgpack.Unpacker()
+        self._child = subprocess.Popen(
+            _child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
+        self._to_child: IO[bytes] = self._child.stdin  # type: ignore[assignment]
+        self._from_child: IO[bytes] = self._child.stdout  # type: ignore[assignment]
+        # Not on Linux, or over the system's limit, the default pipe works, with more wakeups.
+        with contextlib.suppress(AttributeError, OSError):
+            fcntl.fcntl(self._to_child.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        os.set_blocking(self._from_child.fileno(), False)
+        with self._lock:
+            self._write(["settings", settings.model_dump_json()])
+            # Its first report says it is ready: a publisher that cannot start fails here, not later.
+            if not self._wait_for(lambda: self._reports > 0, START_TIMEOUT_S, starting=True):
+                self._child.kill()
+                raise ConfigError(f"the publisher process did not start within {START_TIMEOUT_S:g} s")
+
+    @property
+    def unsent(self) -> int:
+        """Maps accepted but not yet taken by the broker."""
+        with self._lock:
+            self._read_reports(timeout_s=0)
+            return self._accepted - self._published
+
+    def put(self, message: Outgoing, timeout_s: float) -> None:
+        """Hand one map to the publisher process; blocks while ``publish_buffer_maps`` are unsent."""
+        frame = msgpack.packb(map_frame(message))
+        with self._lock:
+            if self._closing:
+                raise BrokerError("producer is closed; create a new Producer to submit more maps")
+            if self._accepted - self._published >= self._capacity and not self._wait_for(
+                lambda: self._accepted - self._published < self._capacity, timeout_s
+            ):
+                raise BrokerError(
+                    f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
+                    f"the broker is not taking messages: {self._last_error}"
+                )
+            self._write_packed(frame)
+            self._accepted += 1
+
+    def collected(self, result_ids: list[str]) -> None:
+        """Tell the publisher process it may forget these maps (kept for producer.redelivery)."""
+        if result_ids:
+            with self._lock:
+                self._write(["collected", result_ids])
+
+    def resend(self, result_ids: list[str]) -> int:
+        """Ask the publisher process to send these maps again; returns how many were asked for."""
+        with self._lock:
+            self._write(["resend", result_ids])
+        return len(result_ids)
+
+    def flush(self, timeout_s: float | None) -> None:
+        """Wait until every map put so far is published; BrokerError if ``timeout_s`` passes first."""
+        with self._lock:
+            target = self._accepted
+            if not self._wait_for(lambda: self._published >= target, timeout_s):
+                raise BrokerError(
+                    f"{target - self._published} map(s) still unsent after {timeout_s:g} s (kept by "
+                    f"the publisher process, still retrying): the broker is not taking messages: "
+                    f"{self._last_error}"
+                )
+
+    def close(self, timeout_s: float | None) -> None:
+        """Flush, then end the publisher process. Maps still unsent after ``timeout_s`` raise BrokerError."""
+        flushed = False
+        try:
+            self.flush(timeout_s)
+            flushed = True
+        finally:
+            with self._lock:
+                self._closing = True
+            self._to_child.close()  # end of input: the publisher process exits once it has published
+            try:
+                # Flushed, it has nothing left to do; not flushed, the maps were reported unsent.
+                self._child.wait(timeout=10.0 if flushed else 0.1)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+            self._from_child.close()
+
+    def _write(self, frame: list[Any]) -> None:
+        self._write_packed(msgpack.packb(frame))
+
+    def _write_packed(self, data: bytes) -> None:
+        if self._to_child.closed:
+            raise BrokerError("producer is closed; create a new Producer to submit more maps")
+        fd = self._to_child.fileno()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except BrokenPipeError:
+            raise self._gone() from None
+
+    def _wait_for(
+        self, condition: Callable[[], bool], timeout_s: float | None, *, starting: bool = False
+    ) -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not condition():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._read_reports(timeout_s=remaining, starting=starting)
+        return True
+
+    def _read_reports(self, timeout_s: float | None, *, starting: bool = False) -> None:
+        """Read what the publisher process reported, waiting up to ``timeout_s`` for a report."""
+        fd = self._from_child.fileno()
+        if not select.select([fd], [], [], timeout_s)[0]:
+            return
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            if starting:
+                code = self._child.wait()
+                raise ConfigError(
+                    f"the publisher process exited with code {code} as it started; its error is above"
+                )
+            raise self._gone()
+        self._status.feed(data)
+        for published, error in self._status:
+            self._published, self._last_error = published, error
+            self._reports += 1
+
+    def _gone(self) -> BrokerError:
+        code = self._child.wait()
+        return BrokerError(
+            f"the publisher process exited (code {code}); {self._accepted - self._published} map(s) "
+            f"it held were not published; create a new Producer"
+        )
+
+
+def _child_command() -> list[str]:
+    """``python -P`` (no current folder on its path) running the child, this package importable.
+
+    Its folder is appended to the path, not prepended: an installed actmap wins, and a
+    checkout that is not installed still works.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    code = "import sys; sys.path.append(sys.argv[1]); from producer.publisher_child import main; main()"
+    return [sys.executable, "-P", "-c", code, root]
