@@ -1,9 +1,10 @@
 """What the GPU loop pays per map: ``python -m benchmarks.producer``.
 
 Blocking time of ``submit`` at an offered load (a GPU's pace), with the background
-publisher (the default) and with synchronous publishing — a plain Celery ``send_task`` of
-the same packed map per call — measured in the same run against a private Redis on
-loopback; per-map time of ``submit_many``; bytes per map in the broker.
+publisher in a thread (the default) or in a process of its own, and with synchronous
+publishing — a plain Celery ``send_task`` of the same packed map per call — measured in
+the same run against a private Redis on loopback; per-map time of ``submit_many``; bytes
+per map in the broker.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def gradcam_like(rng: np.random.Generator, size: int) -> np.ndarray:
 # waits (here small BLAS matrix products).
 BETWEEN = {"idle": "idle", "python": "spinning in Python", "native": "busy in native code (GIL free)"}
 _NATIVE = np.random.default_rng(1).random((96, 96), dtype=np.float32)
+
+
+THREAD = "submit, publisher thread"
+PROCESS = "submit, publisher process"
+PLAIN = "plain Celery send_task per map"
 
 
 def paced_calls(
@@ -97,16 +103,24 @@ def main() -> None:
     with RedisServer() as redis_server, tempfile.TemporaryDirectory() as home:
         base = {"home": Path(home), "broker_url": redis_server.url(0), "result_backend": redis_server.url(1)}
         figures: dict[str, tuple[float, float, float]] = {}
-        for what, background, rate, between in [
-            ("submit, background publisher", True, 200.0, "idle"),
-            ("plain Celery send_task per map", False, 200.0, "idle"),
-            ("submit, background publisher", True, 200.0, "python"),
-            ("plain Celery send_task per map", False, 200.0, "python"),
-            ("submit, background publisher", True, 200.0, "native"),
-            ("plain Celery send_task per map", False, 200.0, "native"),
-            ("submit, background publisher", True, 2000.0, "python"),
+        for what, rate, between in [
+            (THREAD, 200.0, "idle"),
+            (PROCESS, 200.0, "idle"),
+            (PLAIN, 200.0, "idle"),
+            (THREAD, 200.0, "python"),
+            (PROCESS, 200.0, "python"),
+            (PLAIN, 200.0, "python"),
+            (THREAD, 200.0, "native"),
+            (PROCESS, 200.0, "native"),
+            (PLAIN, 200.0, "native"),
+            (THREAD, 2000.0, "python"),
+            (PROCESS, 2000.0, "python"),
         ]:
-            settings = Settings(**base, background_publish=background)
+            settings = Settings(
+                **base,
+                background_publish=what != PLAIN,
+                background_publisher="process" if what == PROCESS else "thread",
+            )
             with Producer(settings) as producer:
                 paced_submits(producer, maps, 100, rate)  # warm up connections and caches
                 producer.flush()
@@ -116,7 +130,8 @@ def main() -> None:
             label = f"{what} @ {rate:g}/s, loop {BETWEEN[between]}"
             figures[label] = percentiles(blocked)
             wire = broker_bytes_per_map(redis_server, settings.queue, args.maps)
-            rows.append((f"broker bytes per map ({label})", f"{wire:,.0f}"))
+            if between == "idle":
+                rows.append((f"broker bytes per map ({label})", f"{wire:,.0f}"))
         # The machine's share: quantizing alone, paced the same way (no producer, no thread).
         for between in BETWEEN:
             alone = paced_calls(
@@ -141,11 +156,15 @@ def main() -> None:
     for label, (p50, p99, worst) in figures.items():
         print(f"| {label:<78} | {p50:6.3f} | {p99:6.3f} | {worst:6.2f} |")
     for between in BETWEEN.values():
-        background = figures[f"submit, background publisher @ 200/s, loop {between}"][0]
-        plain = figures[f"plain Celery send_task per map @ 200/s, loop {between}"][0]
-        rows.append(
-            (f"plain send_task p50 / submit p50 @ 200/s, loop {between}", f"{plain / background:.1f}x")
-        )
+        plain = figures[f"{PLAIN} @ 200/s, loop {between}"][0]
+        for what in (THREAD, PROCESS):
+            background = figures[f"{what} @ 200/s, loop {between}"][0]
+            rows.append(
+                (
+                    f"plain send_task p50 / submit p50 ({what}) @ 200/s, loop {between}",
+                    f"{plain / background:.1f}x",
+                )
+            )
     rows += [
         ("submit_many, ms per map (returns)", f"{submit_many_ms:.3f}"),
         ("submit_many, ms per map (until all published)", f"{flushed_ms:.3f}"),

@@ -42,21 +42,33 @@ PIPE_BYTES = 1 << 20
 START_TIMEOUT_S = 60.0
 
 
-def map_frame(message: Outgoing) -> list[Any]:
+def map_frame(message: Outgoing) -> tuple[bytes, memoryview]:
+    """The msgpack of ``[kind, *fields, data]``, in two pieces: the map's bytes are not copied.
+
+    ``["map", run_id, image_id, name, colormap, fade, dtype, shape, data]``, or ``["packed",
+    data]`` for a map packed already (sent again by producer.redelivery).
+    """
+    fields: list[Any]
     if isinstance(message, bytes):
-        return ["packed", message]  # a map packed already: sent again by producer.redelivery
-    array = np.ascontiguousarray(message.array)
-    return [
-        "map",
-        message.run_id,
-        message.image_id,
-        message.name,
-        message.colormap,
-        message.fade_low_activation,
-        array.dtype.str,
-        list(array.shape),
-        array.data.cast("B"),
-    ]
+        fields, data = ["packed"], memoryview(message)
+    else:
+        array = np.ascontiguousarray(message.array)
+        fields = [
+            "map",
+            message.run_id,
+            message.image_id,
+            message.name,
+            message.colormap,
+            message.fade_low_activation,
+            array.dtype.str,
+            list(array.shape),
+        ]
+        data = array.data.cast("B")
+    # The fields packed as a msgpack fixarray (one byte of header: at most 15 items) made one
+    # item longer, then a bin 32 header: the data follows as it is.
+    packed = msgpack.packb(fields)
+    head = bytes([packed[0] + 1]) + packed[1:]
+    return head + b"\xc6" + len(data).to_bytes(4, "big"), data
 
 
 def message_from_frame(frame: list[Any]) -> MapMessage:
@@ -100,7 +112,7 @@ class ProcessPublisher:
 
     def put(self, message: Outgoing, timeout_s: float) -> None:
         """Hand one map to the publisher process; blocks while ``publish_buffer_maps`` are unsent."""
-        frame = msgpack.packb(map_frame(message))
+        frame = map_frame(message)
         with self._lock:
             if self._closing:
                 raise BrokerError("producer is closed; create a new Producer to submit more maps")
@@ -111,7 +123,7 @@ class ProcessPublisher:
                     f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
                     f"the broker is not taking messages: {self._last_error}"
                 )
-            self._write_packed(frame)
+            self._write_pieces(*frame)
             self._accepted += 1
 
     def collected(self, result_ids: list[str]) -> None:
@@ -146,7 +158,11 @@ class ProcessPublisher:
         finally:
             with self._lock:
                 self._closing = True
-            self._to_child.close()  # end of input: the publisher process exits once it has published
+                # Said, not only by the end of input: a process forked from this one (a data
+                # loader's workers, say) holds the pipe open and would keep that from coming.
+                with contextlib.suppress(BrokerError):
+                    self._write(["close"])
+            self._to_child.close()
             try:
                 # Flushed, it has nothing left to do; not flushed, the maps were reported unsent.
                 self._child.wait(timeout=10.0 if flushed else 0.1)
@@ -156,16 +172,18 @@ class ProcessPublisher:
             self._from_child.close()
 
     def _write(self, frame: list[Any]) -> None:
-        self._write_packed(msgpack.packb(frame))
+        self._write_pieces(msgpack.packb(frame))
 
-    def _write_packed(self, data: bytes) -> None:
+    def _write_pieces(self, *pieces: bytes | memoryview) -> None:
         if self._to_child.closed:
             raise BrokerError("producer is closed; create a new Producer to submit more maps")
         fd = self._to_child.fileno()
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(fd, view) :]
+            written = os.writev(fd, pieces)
+            if written < sum(len(piece) for piece in pieces):  # a signal cut it short: rare
+                rest = memoryview(b"".join(pieces))[written:]
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
         except BrokenPipeError:
             raise self._gone() from None
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,6 +206,27 @@ def test_a_producer_that_is_closed_refuses_more_maps(redis_db: RedisServer, tmp_
     producer.close()
     with pytest.raises(BrokerError, match="producer is closed"):
         producer.submit("img/late", np.zeros((4, 4), np.float32))
+
+
+def test_close_ends_the_publisher_process_even_while_a_process_forked_from_the_producer_holds_its_pipe(
+    redis_db: RedisServer, tmp_path: Path
+) -> None:
+    # Given a producer whose process forked (a data loader's workers, say) after it started
+    producer = Producer(process_settings(redis_db, tmp_path))
+    producer.submit("img/0000", np.zeros((4, 4), np.float32))
+    forked = os.fork()
+    if forked == 0:  # the forked process holds the pipe's write end, so no end of input comes
+        time.sleep(120)
+        os._exit(0)
+    try:
+        # When the producer closes
+        producer.close()
+        # Then the publisher process published and exited on its own, not killed
+        assert producer._publisher._child.returncode == 0  # type: ignore[union-attr]
+        assert sum(map(len, queued_batches(redis_db.client(4), "actmap"))) == 1
+    finally:
+        os.kill(forked, signal.SIGKILL)
+        os.waitpid(forked, 0)
 
 
 def _alive(pid: int) -> bool:
