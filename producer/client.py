@@ -75,11 +75,14 @@ class Producer:
             raise ValueError(f"run id {self.run_id!r} is not valid; expected 1-128 of A-Z a-z 0-9 . _ -")
         self._app = make_celery(self.settings, "actmap-producer")
         in_process = self.settings.background_publish and self.settings.background_publisher == "process"
-        # Packs and publishes here, unless a publisher process does; it also tells whether the broker is idle.
+        # Packs and publishes here, unless a publisher process does; also tells whether the broker is idle.
         self._sender = MapSender(self.settings, self._app, resend=None if in_process else self._send)
+        # Maps packed are kept for a resend where they are packed: here, or in the publisher process.
+        resend = None if self._sender.kept is None else self._sender.kept.resend
         self._publisher: BackgroundPublisher[Outgoing] | ProcessPublisher | None = None
         if in_process:
             self._publisher = ProcessPublisher(self.settings)
+            resend = self._publisher.resend
         elif self.settings.background_publish:
             self._publisher = BackgroundPublisher(
                 self._sender.send,
@@ -90,11 +93,7 @@ class Producer:
         if self._publisher is not None:
             # A script that never calls close() still gets its maps published on exit.
             atexit.register(self._close_at_exit)
-        # The maps packed for a resend are kept where they are packed: here, or in the publisher process.
         self._redelivery: LostMapRedelivery | None = None
-        resend = self._publisher.resend if isinstance(self._publisher, ProcessPublisher) else None
-        if self._sender.kept is not None:
-            resend = self._sender.kept.resend
         if resend is not None and self.settings.redeliver_lost and self.settings.uses_redis_broker():
             self._redelivery = LostMapRedelivery(
                 resend, self._sender.broker_is_idle, check_every_s=self.settings.restore_interval_s

@@ -83,15 +83,11 @@ def main() -> None:
         sys.exit("actmap publisher process: expected its settings first")
     settings = Settings.model_validate_json(settings_json)
     app = make_celery(settings, "actmap-publisher")
-    sender: MapSender
-    publisher: BackgroundPublisher[Outgoing] = BackgroundPublisher(
-        lambda batch: sender.send(batch),
-        capacity=UNBOUNDED,
-        batch_size=settings.batch_size,
-        linger_s=settings.publish_linger_s,
-    )
     # Maps lost by the broker go out again straight away (rare, and the broker was just idle).
     sender = MapSender(settings, app, resend=lambda payloads: sender.send(payloads))
+    publisher: BackgroundPublisher[Outgoing] = BackgroundPublisher(
+        sender.send, capacity=UNBOUNDED, batch_size=settings.batch_size, linger_s=settings.publish_linger_s
+    )
     reporter = Reporter(publisher, out_fd)
     while (frame := producer_input.next_frame()) is not None and frame[0] != "close":
         _handle(frame, publisher, sender)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,18 +96,29 @@ class ProcessPublisher:
         with contextlib.suppress(AttributeError, OSError):
             fcntl.fcntl(self._to_child.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         os.set_blocking(self._from_child.fileno(), False)
-        with self._lock:
-            self._write(["settings", settings.model_dump_json()])
-            # Its first report says it is ready: a publisher that cannot start fails here, not later.
-            if not self._wait_for(lambda: self._reports > 0, START_TIMEOUT_S, starting=True):
-                self._child.kill()
-                raise ConfigError(f"the publisher process did not start within {START_TIMEOUT_S:g} s")
+        # Its first report says it is ready: a publisher that cannot start fails here, not later.
+        try:
+            with self._lock:
+                self._write(["settings", settings.model_dump_json()])
+                ready = self._wait_for(lambda: self._reports > 0, START_TIMEOUT_S)
+        except BrokerError:  # it exited
+            ready = False
+        if not ready:
+            self._child.kill()
+            code = self._child.wait()
+            self._to_child.close()
+            self._from_child.close()
+            raise ConfigError(
+                f"the publisher process did not start (exit code {code}, -9: it did not answer within "
+                f"{START_TIMEOUT_S:g} s); its error output is above"
+            )
 
     @property
     def unsent(self) -> int:
         """Maps accepted but not yet taken by the broker."""
         with self._lock:
-            self._read_reports(timeout_s=0)
+            if not self._from_child.closed:
+                self._read_reports(timeout_s=0)
             return self._accepted - self._published
 
     def put(self, message: Outgoing, timeout_s: float) -> None:
@@ -132,11 +143,12 @@ class ProcessPublisher:
             with self._lock:
                 self._write(["collected", result_ids])
 
-    def resend(self, result_ids: list[str]) -> int:
+    def resend(self, result_ids: Iterable[str]) -> int:
         """Ask the publisher process to send these maps again; returns how many were asked for."""
+        ids = list(result_ids)
         with self._lock:
-            self._write(["resend", result_ids])
-        return len(result_ids)
+            self._write(["resend", ids])
+        return len(ids)
 
     def flush(self, timeout_s: float | None) -> None:
         """Wait until every map put so far is published; BrokerError if ``timeout_s`` passes first."""
@@ -187,18 +199,16 @@ class ProcessPublisher:
         except BrokenPipeError:
             raise self._gone() from None
 
-    def _wait_for(
-        self, condition: Callable[[], bool], timeout_s: float | None, *, starting: bool = False
-    ) -> bool:
+    def _wait_for(self, condition: Callable[[], bool], timeout_s: float | None) -> bool:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not condition():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._read_reports(timeout_s=remaining, starting=starting)
+            self._read_reports(timeout_s=remaining)
         return True
 
-    def _read_reports(self, timeout_s: float | None, *, starting: bool = False) -> None:
+    def _read_reports(self, timeout_s: float | None) -> None:
         """Read what the publisher process reported, waiting up to ``timeout_s`` for a report."""
         fd = self._from_child.fileno()
         if not select.select([fd], [], [], timeout_s)[0]:
@@ -208,11 +218,6 @@ class ProcessPublisher:
         except BlockingIOError:
             return
         if not data:
-            if starting:
-                code = self._child.wait()
-                raise ConfigError(
-                    f"the publisher process exited with code {code} as it started; its error is above"
-                )
             raise self._gone()
         self._status.feed(data)
         for published, error in self._status:

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import redis
 
-from producer import BrokerError, CollectTimeoutError, Producer, Settings
+from producer import BrokerError, CollectTimeoutError, Producer, Settings, publisher_process
+from producer.errors import ConfigError
 from producer.wire import decode_map
 from tests.integration.conftest import Stack
 from tests.integration.test_result_poller import write_results
@@ -201,11 +202,23 @@ def test_maps_the_broker_lost_are_sent_again_by_the_publisher_process_which_kept
     assert [i for batch in queued_batches(queue, settings.queue) for i in batch] == lost
 
 
+def test_a_publisher_process_that_cannot_start_fails_the_producer_with_its_exit_code(
+    redis_db: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Python that exits at once stands for one that cannot import actmap's dependencies.
+    monkeypatch.setattr(
+        publisher_process, "_child_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"]
+    )
+    with pytest.raises(ConfigError, match=r"publisher process did not start \(exit code 3"):
+        Producer(process_settings(redis_db, tmp_path))
+
+
 def test_a_producer_that_is_closed_refuses_more_maps(redis_db: RedisServer, tmp_path: Path) -> None:
     producer = Producer(process_settings(redis_db, tmp_path))
     producer.close()
     with pytest.raises(BrokerError, match="producer is closed"):
         producer.submit("img/late", np.zeros((4, 4), np.float32))
+    assert producer.unsent == 0
 
 
 def test_close_ends_the_publisher_process_even_while_a_process_forked_from_the_producer_holds_its_pipe(
