@@ -198,27 +198,40 @@ def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
-def running_pool_pid(worker: WorkerProcess, fallback: int, wait_s: float = 2.0) -> int:
-    """A pool process of ``worker`` caught running (rendering a map), so the kill interrupts a task.
+def working_pool_pid(
+    worker: WorkerProcess, fallback: int, wait_s: float = 2.0, window_s: float = 0.02
+) -> int:
+    """A pool process of ``worker`` caught working on a task, so that the kill interrupts it.
 
-    A pool process between tasks sleeps waiting for the next one; killing it then would test
-    nothing. Its state in /proc tells: R while it works.
+    A pool process spends most of a run waiting for its next message, and a moment receiving
+    it; caught in either, a kill tests nothing. Caught in the state R, it may be either too
+    (on 2 busy cores, R is mostly waiting for a CPU). What tells a task is CPU time: the
+    process that ran for at least half of a ``window_s`` window (its run time in
+    /proc/<pid>/schedstat), far longer than receiving a message takes, is rendering.
     """
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        for pid in worker.pool_pids():
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state == "R":
-                return pid
-    # None caught running; a pool just killed may be down a process until Celery replaces it
+        pids = worker.pool_pids()
+        before = {pid: _cpu_ns(pid) for pid in pids}
+        time.sleep(window_s)
+        ran = {pid: _cpu_ns(pid) - before[pid] for pid in pids}
+        busiest = max(ran, key=ran.__getitem__, default=None)
+        if busiest is not None and ran[busiest] >= window_s * 1e9 / 2:
+            return busiest
+    # None caught working; a pool just killed may be down a process until Celery replaces it
     pids = worker.pool_pids()
     while not pids:
         time.sleep(0.05)
         pids = worker.pool_pids()
     return pids[fallback % len(pids)]
+
+
+def _cpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` has run on a CPU; 0 once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 @dataclass
@@ -395,8 +408,10 @@ def test_sigkilled_pool_processes_give_their_maps_back_at_once_and_every_map_lan
             # until the worker reports a task lost with its process.
             for _ in range(5):
                 lost_before = worker.log().count(WORKER_LOST)
-                pid = running_pool_pid(worker, fallback=n % 2)
-                held = in_flight(broker)  # all workers': the killed process's message is among them
+                # All workers' messages, the one the process is about to be caught on among them;
+                # read first, as the kill must follow the catch at once (a task takes ~50 ms).
+                held = in_flight(broker)
+                pid = working_pool_pid(worker, fallback=n % 2)
                 os.kill(pid, signal.SIGKILL)
                 kill = Kill(time.monotonic(), f"{worker.name} pool pid {pid}", held)
                 kill.unfinished = {rid for _, ids in held.values() for rid in ids} - set(watch.first_seen)
