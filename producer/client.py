@@ -164,9 +164,12 @@ class Producer:
         # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
         # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
         array = intensities if self.settings.quantize else host_array(activation_map)
-        if array is activation_map or not array.flags.owndata:
+        if isinstance(self._publisher, BackgroundPublisher) and (
+            array is activation_map or not array.flags.owndata
+        ):
             # The caller's own memory (a uint8 array, a CPU tensor): it may be reused as soon as
-            # submit returns, and the map is packed later. Quantized floats are already a copy.
+            # submit returns, and the thread packs the map later. Quantized floats are already a
+            # copy; published at once, or written to the publisher process's pipe, it needs none.
             array = array.copy()
         return PendingMap(self.run_id, image_id, name), MapMessage(
             self.run_id, image_id, name, array, colormap, fade

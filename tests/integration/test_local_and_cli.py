@@ -155,19 +155,27 @@ def test_storage_errors_are_retried_with_backoff_up_to_the_bound_then_reported(t
     assert stack.worker_logs().count("retrying 1 map(s)") == 2
 
 
+@pytest.mark.parametrize("publisher", ["thread", "process", "none"])
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_a_buffer_the_caller_reuses_right_after_submit_does_not_change_the_map_sent(
-    local_stack: Stack, dtype: str
+    local_stack: Stack, dtype: str, publisher: str
 ) -> None:
     # Given a publisher that waits 2 s for a fuller message before packing what it holds
-    settings = local_stack.settings.model_copy(update={"publish_linger_s": 2.0, "batch_size": 64})
+    settings = local_stack.settings.model_copy(
+        update={
+            "publish_linger_s": 2.0,
+            "batch_size": 64,
+            "background_publish": publisher != "none",
+            "background_publisher": "process" if publisher == "process" else "thread",
+        }
+    )
     rng = np.random.default_rng(11)
     first = rng.integers(0, 256, (24, 40), dtype=np.uint8)
     buffer = first.copy() if dtype == "uint8" else (first / 255).astype(np.float32)
     expected = colorize(buffer)
     with Producer(settings) as producer:
         # When the loop overwrites its buffer with the next map as soon as submit returns
-        handle = producer.submit(f"reused/{dtype}", buffer)
+        handle = producer.submit(f"reused/{dtype}/{publisher}", buffer)
         buffer[...] = buffer[::-1]
         result = producer.collect([handle], timeout=60)[0]
     # Then the map stored is the one submitted
