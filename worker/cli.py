@@ -71,6 +71,28 @@ def worker(metrics_port: int | None, celery_args: tuple[str, ...]) -> None:
     app.worker_main([*argv, *celery_args])
 
 
+@cli.command("sweep-temporary-files")
+@click.option(
+    "--older-than", type=float, default=600.0, help="Seconds since a temporary file was last written."
+)
+def sweep_temporary_files(older_than: float) -> None:
+    """Delete what writes cut short left in a local storage folder (a worker killed mid-write)."""
+    from producer.settings import Settings
+    from worker.storage import FileStorage, open_storage
+
+    settings = Settings()
+    storage = open_storage(settings).storage
+    if not isinstance(storage, FileStorage):
+        raise click.ClickException(
+            f"storage {settings.effective_storage_url} is not a local folder: S3 writes leave no "
+            "temporary files"
+        )
+    files, size = storage.sweep_temporary_files(older_than)
+    click.echo(
+        f"deleted {files} temporary file(s) ({size:,} bytes) older than {older_than:g} s under {storage.root}"
+    )
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--run-id", help="Run id to submit under (default: a new one, printed).")

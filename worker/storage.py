@@ -11,7 +11,9 @@ import base64
 import errno
 import hashlib
 import os
+import re
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from obstore.store import S3Config
 
 _MAX_FOLDERS = 4096  # folders FileStorage remembers as resolved and made
+# FileStorage's temporary files: ".<name>.<pid>-<thread id>.tmp", beside the map they become.
+_TEMPORARY = re.compile(r"\..+\.\d+-\d+\.tmp")
 
 # Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
 _PERMANENT_S3_CODES = frozenset(
@@ -84,6 +88,25 @@ class FileStorage:
                 raise InvalidImageIdError(f"object key {key!r} is too long for {self.root}") from exc
             raise StorageError(f"could not write {path}: {exc}") from exc
         return StoredObject(path.as_uri(), len(data), _md5(data)[0])
+
+    def sweep_temporary_files(self, older_than_s: float) -> tuple[int, int]:
+        """Delete the temporary files of writes cut short (a worker killed mid-write) older
+        than ``older_than_s``; returns (files, bytes). A write under way takes milliseconds."""
+        cutoff = time.time() - older_than_s
+        files = size = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if not _TEMPORARY.fullmatch(name):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    stat = os.lstat(path)
+                    if stat.st_mtime < cutoff:
+                        os.unlink(path)
+                        files, size = files + 1, size + stat.st_size
+                except FileNotFoundError:
+                    pass  # renamed into place or swept by another process meanwhile
+        return files, size
 
     def _create(self, tmp: Path) -> int:
         if tmp.parent not in self._folders:

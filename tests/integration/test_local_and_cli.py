@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess, clean_env
 from worker.render import colorize
+from worker.storage import FileStorage
 
 
 def actmap(
@@ -119,6 +122,42 @@ def test_actmap_demo_prints_locators_of_jet_pngs_and_writes_overlays(tmp_path: P
         assert rgba[hottest][0] >= 128 and rgba[hottest][2] == 0
     overlays = sorted((tmp_path / "home" / "demo" / "overlays").glob("*.png"))
     assert len(overlays) == 3
+
+
+def test_sweep_temporary_files_deletes_only_what_cut_short_writes_left_long_ago(tmp_path: Path) -> None:
+    # Given a map folder with a map, what a write killed an hour ago left, a write under way,
+    # and an old file of someone else's
+    maps = tmp_path / "maps"
+    stored = FileStorage(maps).put("val/img-1.png", b"a whole png")
+    stale = maps / "val" / ".img-2.png.4242-139872.tmp"
+    stale.write_bytes(b"half a png")
+    under_way = maps / "val" / ".img-3.png.4243-139873.tmp"
+    under_way.write_bytes(b"being written")
+    not_ours = maps / "val" / "notes.tmp"
+    not_ours.write_text("keep me")
+    an_hour_ago = time.time() - 3600
+    for path in (stale, not_ours):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    # When the sweep runs
+    run = actmap(
+        "sweep-temporary-files",
+        "--older-than",
+        "600",
+        env={"ACTMAP_STORAGE_URL": maps.as_uri(), "ACTMAP_HOME": str(tmp_path / "home")},
+        cwd=tmp_path,
+    )
+    # Then only the stale temporary file is gone, and it says so
+    assert run.returncode == 0, run.stderr
+    assert "deleted 1 temporary file(s) (10 bytes) older than 600 s" in run.stdout
+    assert not stale.exists()
+    assert under_way.exists() and not_ours.exists()
+    assert Path(stored.locator.removeprefix("file://")).read_bytes() == b"a whole png"
+
+
+def test_sweep_temporary_files_says_s3_storage_has_none(tmp_path: Path) -> None:
+    run = actmap("sweep-temporary-files", env={"ACTMAP_STORAGE_URL": "s3://bucket/maps"}, cwd=tmp_path)
+    assert run.returncode != 0
+    assert "storage s3://bucket/maps is not a local folder" in run.stderr
 
 
 def test_storage_errors_are_retried_with_backoff_up_to_the_bound_then_reported(tmp_path: Path) -> None:
