@@ -26,6 +26,26 @@ log = logging.getLogger("actmap.producer")
 Item = TypeVar("Item")
 
 
+# What either publisher (this thread, or producer.publisher_process) says when it cannot take or
+# send maps: the same words, so callers and their tests see one API.
+def closed_error() -> BrokerError:
+    return BrokerError("producer is closed; create a new Producer to submit more maps")
+
+
+def buffer_full_error(capacity: int, timeout_s: float, cause: object) -> BrokerError:
+    return BrokerError(
+        f"publish buffer full ({capacity} maps unsent for {timeout_s:g} s); "
+        f"the broker is not taking messages: {cause}"
+    )
+
+
+def unsent_error(unsent: int, timeout_s: float | None, kept_by: str, cause: object) -> BrokerError:
+    return BrokerError(
+        f"{unsent} map(s) still unsent after {timeout_s:g} s (kept {kept_by}, still retrying): "
+        f"the broker is not taking messages: {cause}"
+    )
+
+
 class BackgroundPublisher(Generic[Item]):
     def __init__(
         self, send: Callable[[Sequence[Item]], None], *, capacity: int, batch_size: int, linger_s: float
@@ -62,14 +82,11 @@ class BackgroundPublisher(Generic[Item]):
         """Buffer one map; blocks while the buffer is full, up to ``timeout_s``."""
         with self._changed:
             if self._closing:
-                raise BrokerError("producer is closed; create a new Producer to submit more maps")
+                raise closed_error()
             if len(self._buffer) >= self._capacity and not self._changed.wait_for(
                 lambda: len(self._buffer) < self._capacity, timeout=timeout_s
             ):
-                raise BrokerError(
-                    f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
-                    f"the broker is not taking messages: {self._last_error}"
-                )
+                raise buffer_full_error(self._capacity, timeout_s, self._last_error)
             self._buffer.append(item)
             self._accepted += 1
             # Wake the publisher only when it has something to do: the first map starts its
@@ -84,10 +101,7 @@ class BackgroundPublisher(Generic[Item]):
             target = self._accepted
             if not self._changed.wait_for(lambda: self._published >= target, timeout=timeout_s):
                 unsent = target - self._published
-                raise BrokerError(
-                    f"{unsent} map(s) still unsent after {timeout_s:g} s (kept in the buffer, still "
-                    f"retrying): the broker is not taking messages: {self._last_error}"
-                )
+                raise unsent_error(unsent, timeout_s, "in the buffer", self._last_error)
 
     def close(self, timeout_s: float | None) -> None:
         """Flush, then stop the thread. Maps still unsent after ``timeout_s`` raise BrokerError."""

@@ -32,6 +32,7 @@ import msgpack
 import numpy as np
 
 from producer.errors import BrokerError, ConfigError
+from producer.publisher import buffer_full_error, closed_error, unsent_error
 from producer.sender import Outgoing
 from producer.settings import Settings
 from producer.wire import MapMessage
@@ -126,14 +127,11 @@ class ProcessPublisher:
         frame = map_frame(message)
         with self._lock:
             if self._closing:
-                raise BrokerError("producer is closed; create a new Producer to submit more maps")
+                raise closed_error()
             if self._accepted - self._published >= self._capacity and not self._wait_for(
                 lambda: self._accepted - self._published < self._capacity, timeout_s
             ):
-                raise BrokerError(
-                    f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
-                    f"the broker is not taking messages: {self._last_error}"
-                )
+                raise buffer_full_error(self._capacity, timeout_s, self._last_error)
             self._write_pieces(*frame)
             self._accepted += 1
 
@@ -155,10 +153,8 @@ class ProcessPublisher:
         with self._lock:
             target = self._accepted
             if not self._wait_for(lambda: self._published >= target, timeout_s):
-                raise BrokerError(
-                    f"{target - self._published} map(s) still unsent after {timeout_s:g} s (kept by "
-                    f"the publisher process, still retrying): the broker is not taking messages: "
-                    f"{self._last_error}"
+                raise unsent_error(
+                    target - self._published, timeout_s, "by the publisher process", self._last_error
                 )
 
     def close(self, timeout_s: float | None) -> None:
@@ -188,7 +184,7 @@ class ProcessPublisher:
 
     def _write_pieces(self, *pieces: bytes | memoryview) -> None:
         if self._to_child.closed:
-            raise BrokerError("producer is closed; create a new Producer to submit more maps")
+            raise closed_error()
         fd = self._to_child.fileno()
         try:
             written = os.writev(fd, pieces)
