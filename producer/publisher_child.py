@@ -89,9 +89,20 @@ def main() -> None:
         sender.send, capacity=UNBOUNDED, batch_size=settings.batch_size, linger_s=settings.publish_linger_s
     )
     reporter = Reporter(publisher, out_fd)
-    while (frame := producer_input.next_frame()) is not None and frame[0] != "close":
-        _handle(frame, publisher, sender)
     code = 0
+    while (frame := producer_input.next_frame()) is not None:
+        try:
+            if frame[0] == "close":
+                break
+            _handle(frame, publisher, sender)
+        except (TypeError, ValueError, IndexError, KeyError) as exc:  # not a frame the producer writes
+            log.error(
+                "the producer's input is corrupt (%s: %s); publishing the maps before it, then exiting",
+                type(exc).__name__,
+                exc,
+            )
+            code = 1
+            break
     try:
         publisher.close(settings.flush_timeout_s)
     except BrokerError as exc:

@@ -20,11 +20,12 @@ import contextlib
 import fcntl
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,6 +42,11 @@ from producer.wire import MapMessage
 PIPE_BYTES = 1 << 20
 # How long the publisher process may take to start (import Celery, read its settings).
 START_TIMEOUT_S = 60.0
+# Held while a frame is written: a Ctrl-C (a notebook's "interrupt") raises KeyboardInterrupt, and
+# the caller may go on; half a frame written would leave the publisher process unable to read on.
+# Other signals that run a Python handler mostly end the program: the maps whose frames are whole
+# are published all the same. Each signal held costs ~2 µs per submit on this project's VM.
+_HELD_SIGNALS = {signal.SIGINT}
 
 
 def map_frame(message: Outgoing) -> tuple[bytes, memoryview]:
@@ -97,6 +103,11 @@ class ProcessPublisher:
         with contextlib.suppress(AttributeError, OSError):
             fcntl.fcntl(self._to_child.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         os.set_blocking(self._from_child.fileno(), False)
+        # Written in pieces as room comes (_write_frame): a frame must not be cut by a signal.
+        os.set_blocking(self._to_child.fileno(), False)
+        # The longest a frame may take to go into the pipe: the publisher process reads it
+        # within milliseconds unless it is stuck (at most publish_timeout_s sending lost maps again).
+        self._write_timeout_s = settings.flush_timeout_s
         # Its first report says it is ready: a publisher that cannot start fails here, not later.
         try:
             with self._lock:
@@ -132,8 +143,10 @@ class ProcessPublisher:
                 lambda: self._accepted - self._published < self._capacity, timeout_s
             ):
                 raise buffer_full_error(self._capacity, timeout_s, self._last_error)
-            self._write_pieces(*frame)
-            self._accepted += 1
+            self._write_frame(frame, then=self._count_accepted)
+
+    def _count_accepted(self) -> None:
+        self._accepted += 1
 
     def collected(self, result_ids: list[str]) -> None:
         """Tell the publisher process it may forget these maps (kept for producer.redelivery)."""
@@ -180,20 +193,52 @@ class ProcessPublisher:
             self._from_child.close()
 
     def _write(self, frame: list[Any]) -> None:
-        self._write_pieces(msgpack.packb(frame))
+        self._write_frame((msgpack.packb(frame),))
 
-    def _write_pieces(self, *pieces: bytes | memoryview) -> None:
+    def _write_frame(
+        self, pieces: Iterable[bytes | memoryview], then: Callable[[], None] | None = None
+    ) -> None:
+        """Write a frame whole, then call ``then``, within ``flush_timeout_s``.
+
+        A map larger than the pipe goes in as the publisher process reads it. A Ctrl-C before
+        the frame's first byte acts at once; after it, it waits for the frame and ``then``
+        (the publisher process reads within milliseconds): "stop after this map".
+        """
         if self._to_child.closed:
             raise closed_error()
         fd = self._to_child.fileno()
-        try:
-            written = os.writev(fd, pieces)
-            if written < sum(len(piece) for piece in pieces):  # a signal cut it short: rare
-                rest = memoryview(b"".join(pieces))[written:]
-                while rest:
-                    rest = rest[os.write(fd, rest) :]
-        except BrokenPipeError:
-            raise self._gone() from None
+        rest = [memoryview(piece).cast("B") for piece in pieces]
+        deadline = time.monotonic() + self._write_timeout_s
+        while True:
+            with _signals_held():
+                try:
+                    written = _write_some(fd, rest)
+                    if written:  # begun: finished before any signal acts
+                        while rest := _unwritten(rest, written):
+                            if not _wait_writable(fd, deadline):
+                                raise self._stuck()
+                            written = _write_some(fd, rest)
+                        if then is not None:
+                            then()
+                        return
+                except BrokenPipeError:
+                    raise self._gone() from None
+            # The pipe is full and nothing is written: wait for room, signals acting as usual.
+            if not _wait_writable(fd, deadline):
+                raise BrokerError(
+                    f"the publisher process read nothing for {self._write_timeout_s:g} s; "
+                    f"{self._accepted - self._published} map(s) unsent; it may be stuck"
+                )
+
+    def _stuck(self) -> BrokerError:
+        """End a publisher process that stopped reading half-way through a frame: it can read no further."""
+        self._child.kill()
+        code = self._child.wait()
+        return BrokerError(
+            f"the publisher process stopped reading for {self._write_timeout_s:g} s half-way through a "
+            f"map and was killed (code {code}); {self._accepted - self._published} map(s) it held were "
+            f"not published; create a new Producer"
+        )
 
     def _wait_for(self, condition: Callable[[], bool], timeout_s: float | None) -> bool:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -215,6 +260,9 @@ class ProcessPublisher:
             return
         if not data:
             raise self._gone()
+        self._take_reports(data)
+
+    def _take_reports(self, data: bytes) -> None:
         self._status.feed(data)
         for published, error in self._status:
             self._published, self._last_error = published, error
@@ -222,10 +270,49 @@ class ProcessPublisher:
 
     def _gone(self) -> BrokerError:
         code = self._child.wait()
+        # Its last reports, if it wrote any before it exited: what it published is not lost.
+        with contextlib.suppress(OSError, ValueError):
+            while data := os.read(self._from_child.fileno(), 1 << 16):
+                self._take_reports(data)
         return BrokerError(
             f"the publisher process exited (code {code}); {self._accepted - self._published} map(s) "
             f"it held were not published; create a new Producer"
         )
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """_HELD_SIGNALS sent meanwhile wait (in the kernel) until the block ends, then act as usual."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _wait_writable(fd: int, deadline: float) -> bool:
+    """Wait until the pipe has room; False if ``deadline`` (``time.monotonic()``) passes first."""
+    while not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
+def _write_some(fd: int, pieces: list[memoryview]) -> int:
+    """As many of ``pieces``' bytes as the pipe takes now (a non-blocking write)."""
+    try:
+        return os.writev(fd, pieces)
+    except BlockingIOError:
+        return 0
+
+
+def _unwritten(pieces: list[memoryview], written: int) -> list[memoryview]:
+    """What is left of ``pieces`` after their first ``written`` bytes."""
+    for index, piece in enumerate(pieces):
+        if written < len(piece):
+            return [piece[written:], *pieces[index + 1 :]]
+        written -= len(piece)
+    return []
 
 
 def _child_command() -> list[str]:

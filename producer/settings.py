@@ -100,7 +100,10 @@ class Settings(BaseSettings):
         256, ge=0, description="Packed maps kept for that until their result is collected, in MiB."
     )
     flush_timeout_s: float = Field(
-        60.0, gt=0, description="How long flush and close wait for buffered maps to be published."
+        60.0,
+        gt=0,
+        description="How long flush and close wait for buffered maps to be published, and the longest "
+        "a map may take to go into the publisher process's pipe.",
     )
 
     max_pixels: int = Field(4096 * 4096, ge=1, description="Largest map accepted, in pixels.")

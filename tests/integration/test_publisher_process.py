@@ -10,6 +10,8 @@ publisher's is reported by the next call.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -177,6 +179,143 @@ def test_when_the_producer_process_is_killed_the_publisher_process_still_publish
     poll_until(lambda: not _alive(child_pid), 30, "the publisher process to exit")
     published = [i for batch in queued_batches(queue, "actmap") for i in batch]
     assert published == [f"img/{i:04d}" for i in range(40)]
+
+
+def test_a_ctrl_c_during_submit_leaves_no_half_map_in_the_pipe_and_the_publisher_process_reads_on(
+    redis_db: RedisServer, tmp_path: Path
+) -> None:
+    # Given a producer process submitting 1024² maps (a 1 MiB frame, the pipe's size: most
+    # writes wait for the publisher process to read) while a thread Ctrl-C's its main thread
+    # every 5-30 ms, and a loop that takes each KeyboardInterrupt from submit and goes on
+    script = textwrap.dedent(
+        f"""
+        import json, random, signal, threading
+        import numpy as np
+        from producer import Producer, Settings
+        inside = [False]
+        def interrupt(signum, frame):  # KeyboardInterrupt, but only from within submit
+            if inside[0]:
+                inside[0] = False
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, interrupt)
+        producer = Producer(Settings(
+            home={str(tmp_path)!r}, broker_url={redis_db.url(4)!r}, result_backend={redis_db.url(5)!r},
+            background_publisher="process", batch_size=4,
+        ))
+        ramp = np.add.outer(np.linspace(0, 0.5, 1024), np.linspace(0, 0.5, 1024)).astype(np.float32)
+        main, stop = threading.main_thread().ident, threading.Event()
+        def ctrl_c():
+            while not stop.wait(random.uniform(0.005, 0.03)):
+                signal.pthread_kill(main, signal.SIGINT)
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        returned, interrupted = [], []
+        i = 0
+        while i < 300 and (len(returned) < 20 or len(interrupted) < 20):
+            image_id = f"img/{{i:04d}}"
+            i += 1
+            try:
+                inside[0] = True
+                producer.submit(image_id, ramp)
+                inside[0] = False
+                returned.append(image_id)
+            except KeyboardInterrupt:
+                interrupted.append(image_id)
+        stop.set()
+        inside[0] = False
+        producer.close()
+        code = producer._publisher._child.returncode
+        print(json.dumps({{"returned": returned, "interrupted": interrupted, "child": code}}))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    # Then every submit either returned or was interrupted, close published everything and the
+    # publisher process ended cleanly: it never read half a frame
+    assert run.returncode == 0, run.stderr
+    outcome = json.loads(run.stdout)
+    returned, interrupted = outcome["returned"], outcome["interrupted"]
+    assert len(interrupted) >= 20, outcome
+    assert outcome["child"] == 0
+    # and the queue holds each map whose submit returned, once, and no other but those
+    # interrupted after their frame was whole (accepted: a Ctrl-C means "stop after this map")
+    published = [i for batch in queued_batches(redis_db.client(4), "actmap") for i in batch]
+    assert len(published) == len(set(published))
+    assert set(returned) <= set(published) <= set(returned) | set(interrupted)
+
+
+def test_a_publisher_process_stopped_half_way_through_a_map_is_killed_after_the_timeout_and_reported(
+    redis_db: RedisServer, tmp_path: Path
+) -> None:
+    # Given a publisher process that stops (SIGSTOP) and a map four times the pipe's size
+    producer = Producer(process_settings(redis_db, tmp_path, flush_timeout_s=1))
+    producer.submit("img/0000", np.zeros((4, 4), np.float32))
+    producer.flush(30)
+    child = producer._publisher._child  # type: ignore[union-attr]
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        # When it is submitted: the first MiB goes into the pipe, the rest cannot
+        with pytest.raises(
+            BrokerError, match=r"stopped reading for 1 s half-way through a map and was killed"
+        ):
+            producer.submit("img/0001", np.zeros((2048, 2048), np.float32))
+        # Then the publisher process was ended (a half-written map is the end of its input)
+        assert child.returncode == -signal.SIGKILL
+        with pytest.raises(BrokerError, match=r"publisher process exited \(code -9\)"):
+            producer.submit("img/0002", np.zeros((4, 4), np.float32))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        with contextlib.suppress(BrokerError):
+            producer.close()
+
+
+def test_a_publisher_process_that_reads_nothing_fails_submit_after_the_timeout_and_reads_on_when_it_resumes(
+    redis_db: RedisServer, tmp_path: Path
+) -> None:
+    # Given a stopped publisher process and a pipe of one page (small frames go in whole or not at all)
+    producer = Producer(process_settings(redis_db, tmp_path, flush_timeout_s=1))
+    publisher = producer._publisher
+    assert isinstance(publisher, publisher_process.ProcessPublisher)
+    fcntl.fcntl(publisher._to_child.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    os.kill(publisher._child.pid, signal.SIGSTOP)
+    submitted = []
+    try:
+        # When maps are submitted until the pipe is full
+        with pytest.raises(BrokerError, match=r"publisher process read nothing for 1 s; \d+ map\(s\) unsent"):
+            for image_id, cam in maps(1000):
+                producer.submit(image_id, cam)
+                submitted.append(image_id)
+    finally:
+        os.kill(publisher._child.pid, signal.SIGCONT)
+    # Then nothing half-written was left behind: once it resumes, it publishes every map accepted
+    producer.close()
+    assert 0 < len(submitted) < 1000
+    assert [i for batch in queued_batches(redis_db.client(4), "actmap") for i in batch] == submitted
+
+
+def test_a_publisher_process_given_a_corrupt_frame_publishes_the_maps_before_it_says_so_and_exits(
+    redis_db: RedisServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    producer = Producer(process_settings(redis_db, tmp_path))
+    publisher = producer._publisher
+    assert isinstance(publisher, publisher_process.ProcessPublisher)
+    for image_id, cam in maps(3):
+        producer.submit(image_id, cam)
+    # Given a frame no producer writes (a bare int), where a map would come
+    os.write(publisher._to_child.fileno(), msgpack.packb(7))
+    child = publisher._child
+    child.wait(timeout=60)
+    # Then it published the three maps before it, said what it read, and exited with an error
+    assert child.returncode == 1
+    assert "the producer's input is corrupt (TypeError" in capfd.readouterr().err
+    assert [i for batch in queued_batches(redis_db.client(4), "actmap") for i in batch] == [
+        image_id for image_id, _ in maps(3)
+    ]
+    # and the next call says so, counting none of those three as lost
+    with pytest.raises(BrokerError, match=r"publisher process exited \(code 1\); 0 map\(s\) it held"):
+        producer.submit("img/next", np.zeros((4, 4), np.float32))
+    producer.close()  # nothing unsent: closes without an error
 
 
 def test_maps_the_broker_lost_are_sent_again_by_the_publisher_process_which_kept_them(
