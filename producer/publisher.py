@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from producer.errors import BrokerError
+from producer.signals import signals_held
 
 log = logging.getLogger("actmap.producer")
 
@@ -87,13 +88,16 @@ class BackgroundPublisher(Generic[Item]):
                 lambda: len(self._buffer) < self._capacity, timeout=timeout_s
             ):
                 raise buffer_full_error(self._capacity, timeout_s, self._last_error)
-            self._buffer.append(item)
-            self._accepted += 1
-            # Wake the publisher only when it has something to do: the first map starts its
-            # linger, a full batch ends it. Waking it on every map would make it contend for
-            # the GIL with the caller's loop 200 times a second for nothing.
-            if len(self._buffer) == 1 or len(self._buffer) >= self._batch_size:
-                self._changed.notify_all()
+            # Whole or not at all: a Ctrl-C between these would leave a map uncounted (flush
+            # returning before it is published) or the publisher asleep beside it.
+            with signals_held():
+                self._buffer.append(item)
+                self._accepted += 1
+                # Wake the publisher only when it has something to do: the first map starts its
+                # linger, a full batch ends it. Waking it on every map would make it contend for
+                # the GIL with the caller's loop 200 times a second for nothing.
+                if len(self._buffer) == 1 or len(self._buffer) >= self._batch_size:
+                    self._changed.notify_all()
 
     def flush(self, timeout_s: float | None) -> None:
         """Wait until every map put so far is published; BrokerError if ``timeout_s`` passes first."""

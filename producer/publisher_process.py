@@ -20,12 +20,11 @@ import contextlib
 import fcntl
 import os
 import select
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,17 +35,13 @@ from producer.errors import BrokerError, ConfigError
 from producer.publisher import buffer_full_error, closed_error, unsent_error
 from producer.sender import Outgoing
 from producer.settings import Settings
+from producer.signals import signals_held
 from producer.wire import MapMessage
 
 # The pipe's buffer (Linux): a few maps in flight while the publisher process reads.
 PIPE_BYTES = 1 << 20
 # How long the publisher process may take to start (import Celery, read its settings).
 START_TIMEOUT_S = 60.0
-# Held while a frame is written: a Ctrl-C (a notebook's "interrupt") raises KeyboardInterrupt, and
-# the caller may go on; half a frame written would leave the publisher process unable to read on.
-# Other signals that run a Python handler mostly end the program: the maps whose frames are whole
-# are published all the same. Each signal held costs ~2 µs per submit on this project's VM.
-_HELD_SIGNALS = {signal.SIGINT}
 
 
 def map_frame(message: Outgoing) -> tuple[bytes, memoryview]:
@@ -210,7 +205,7 @@ class ProcessPublisher:
         rest = [memoryview(piece).cast("B") for piece in pieces]
         deadline = time.monotonic() + self._write_timeout_s
         while True:
-            with _signals_held():
+            with signals_held():
                 try:
                     written = _write_some(fd, rest)
                     if written:  # begun: finished before any signal acts
@@ -278,16 +273,6 @@ class ProcessPublisher:
             f"the publisher process exited (code {code}); {self._accepted - self._published} map(s) "
             f"it held were not published; create a new Producer"
         )
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """_HELD_SIGNALS sent meanwhile wait (in the kernel) until the block ends, then act as usual."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _wait_writable(fd: int, deadline: float) -> bool:
