@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from producer.errors import BrokerError
-from producer.signals import signals_held
 
 log = logging.getLogger("actmap.producer")
 
@@ -57,7 +56,9 @@ class BackgroundPublisher(Generic[Item]):
         self._linger_s = linger_s
         self._buffer: deque[Item] = deque()
         self._changed = threading.Condition()
-        self._accepted = 0  # maps put so far
+        # Maps taken from the buffer by the publisher and not yet published. What is unsent is
+        # counted from the buffer itself, not by put: a Ctrl-C cannot come between a map and its count.
+        self._in_flight = 0
         self._published = 0  # maps the broker has taken so far
         self._last_error: BaseException | None = None
         self._closing = False
@@ -68,7 +69,7 @@ class BackgroundPublisher(Generic[Item]):
     def unsent(self) -> int:
         """Maps accepted but not yet taken by the broker."""
         with self._changed:
-            return self._accepted - self._published
+            return len(self._buffer) + self._in_flight
 
     def wait_for_progress(self, seen: tuple[int, str | None], timeout_s: float) -> tuple[int, str | None]:
         """(maps published, last publish error) once they differ from ``seen``, or after ``timeout_s``."""
@@ -88,21 +89,18 @@ class BackgroundPublisher(Generic[Item]):
                 lambda: len(self._buffer) < self._capacity, timeout=timeout_s
             ):
                 raise buffer_full_error(self._capacity, timeout_s, self._last_error)
-            # Whole or not at all: a Ctrl-C between these would leave a map uncounted (flush
-            # returning before it is published) or the publisher asleep beside it.
-            with signals_held():
-                self._buffer.append(item)
-                self._accepted += 1
-                # Wake the publisher only when it has something to do: the first map starts its
-                # linger, a full batch ends it. Waking it on every map would make it contend for
-                # the GIL with the caller's loop 200 times a second for nothing.
-                if len(self._buffer) == 1 or len(self._buffer) >= self._batch_size:
-                    self._changed.notify_all()
+            self._buffer.append(item)
+            # Wake the publisher only when it has something to do: the first map starts its
+            # linger, a full batch ends it. Waking it on every map would make it contend for
+            # the GIL with the caller's loop 200 times a second for nothing.
+            if len(self._buffer) == 1 or len(self._buffer) >= self._batch_size:
+                self._changed.notify_all()
 
     def flush(self, timeout_s: float | None) -> None:
         """Wait until every map put so far is published; BrokerError if ``timeout_s`` passes first."""
         with self._changed:
-            target = self._accepted
+            target = self._published + len(self._buffer) + self._in_flight
+            self._changed.notify_all()  # a put cut short by a Ctrl-C may have left the publisher asleep
             if not self._changed.wait_for(lambda: self._published >= target, timeout=timeout_s):
                 unsent = target - self._published
                 raise unsent_error(unsent, timeout_s, "in the buffer", self._last_error)
@@ -130,6 +128,7 @@ class BackgroundPublisher(Generic[Item]):
                 continue
             with self._changed:
                 self._published += len(batch)
+                self._in_flight = 0
                 if self._last_error is not None:
                     log.warning("broker reachable again; publishing resumed")
                     self._last_error = None
@@ -137,7 +136,9 @@ class BackgroundPublisher(Generic[Item]):
 
     def _next_batch(self) -> list[Item] | None:
         with self._changed:
-            self._changed.wait_for(lambda: self._buffer or self._closing)
+            # Not only woken by put: a put cut short by a Ctrl-C may not have, hence the timeout.
+            while not (self._buffer or self._closing):
+                self._changed.wait(timeout=1.0)
             if not self._buffer:
                 return None  # closing, and nothing left
             if len(self._buffer) < self._batch_size and self._linger_s > 0 and not self._closing:
@@ -147,6 +148,7 @@ class BackgroundPublisher(Generic[Item]):
                 )
             count = min(self._batch_size, len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(count)]
+            self._in_flight = count
             self._changed.notify_all()  # room in the buffer for a blocked put
             return batch
 
@@ -156,4 +158,5 @@ class BackgroundPublisher(Generic[Item]):
                 log.warning("cannot publish %d map(s), will keep retrying: %s", len(batch), error)
             self._last_error = error
             self._buffer.extendleft(reversed(batch))
+            self._in_flight = 0
             self._changed.notify_all()

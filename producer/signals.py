@@ -1,9 +1,10 @@
 """Keeping a Ctrl-C from landing half-way through a step that must be whole.
 
 A Ctrl-C in the caller's main thread (a notebook's "interrupt" too) raises KeyboardInterrupt
-wherever that thread is, and the caller may catch it and go on. The publishers hold it for
-the few steps that must not be cut: a map's frame written to the publisher process's pipe,
-a map added to the publisher thread's buffer and counted. It acts as soon as they are done.
+wherever that thread is, and the caller may catch it and go on. The publisher process's
+pipe must never hold half a map, so its writes hold the signal; it acts once they are done.
+(The publisher thread needs no hold: its buffer's one append is whole or not at all, and
+it counts what is unsent from the buffer.)
 """
 
 from __future__ import annotations

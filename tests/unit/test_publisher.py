@@ -81,3 +81,19 @@ def test_nothing_can_be_put_after_close() -> None:
     publisher.close(timeout_s=5)
     with pytest.raises(BrokerError, match="closed"):
         publisher.put(b"late", timeout_s=1)
+
+
+def test_a_map_whose_put_a_ctrl_c_cut_short_after_it_was_buffered_is_counted_and_flush_publishes_it() -> None:
+    # Given a publisher asleep with an empty buffer, and a put a KeyboardInterrupt ended right
+    # after its append, before it woke the publisher (the append alone, as it leaves things)
+    broker = Broker()
+    publisher = BackgroundPublisher(broker.send, capacity=1000, batch_size=8, linger_s=0)
+    publisher.put(b"map-0", timeout_s=5)
+    publisher.flush(timeout_s=30)
+    publisher._buffer.append(b"map-1")
+    # Then the map counts as unsent, and flush wakes the publisher and waits for it
+    assert publisher.unsent == 1
+    publisher.flush(timeout_s=30)
+    assert broker.published == [b"map-0", b"map-1"]
+    assert publisher.unsent == 0
+    publisher.close(timeout_s=30)
