@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import msgpack
@@ -26,6 +27,7 @@ from producer.celery_config import make_celery
 from producer.errors import BrokerError
 from producer.publisher import BackgroundPublisher
 from producer.publisher_process import message_from_frame
+from producer.redelivery import KeptPayloads
 from producer.sender import MapSender, Outgoing
 from producer.settings import Settings
 
@@ -89,12 +91,15 @@ def main() -> None:
         sender.send, capacity=UNBOUNDED, batch_size=settings.batch_size, linger_s=settings.publish_linger_s
     )
     reporter = Reporter(publisher, out_fd)
+    # Resends wait on the broker (up to publish_timeout_s while it is down): not in this
+    # thread, which must go on reading the pipe, or the producer's submit would wait for it.
+    resends = ThreadPoolExecutor(1, thread_name_prefix="actmap-resend")
     code = 0
     while (frame := producer_input.next_frame()) is not None:
         try:
             if frame[0] == "close":
                 break
-            _handle(frame, publisher, sender)
+            _handle(frame, publisher, sender, resends)
         except (TypeError, ValueError, IndexError, KeyError) as exc:  # not a frame the producer writes
             log.error(
                 "the producer's input is corrupt (%s: %s); publishing the maps before it, then exiting",
@@ -108,6 +113,7 @@ def main() -> None:
     except BrokerError as exc:
         log.error("exiting with maps unpublished: %s", exc)
         code = 1
+    resends.shutdown(wait=True)
     reporter.stop()
     with contextlib.suppress(BrokenPipeError):
         reporter.write(publisher.wait_for_progress((-1, None), timeout_s=0))
@@ -116,7 +122,9 @@ def main() -> None:
     sys.exit(code)
 
 
-def _handle(frame: list[Any], publisher: BackgroundPublisher[Outgoing], sender: MapSender) -> None:
+def _handle(
+    frame: list[Any], publisher: BackgroundPublisher[Outgoing], sender: MapSender, resends: Executor
+) -> None:
     kind = frame[0]
     if kind == "map":
         publisher.put(message_from_frame(frame), timeout_s=0)
@@ -125,10 +133,14 @@ def _handle(frame: list[Any], publisher: BackgroundPublisher[Outgoing], sender: 
     elif kind == "collected" and sender.kept is not None:
         sender.kept.collected(frame[1])
     elif kind == "resend" and sender.kept is not None:
-        try:
-            sender.kept.resend(frame[1])
-        except BrokerError as exc:
-            log.warning("could not send lost maps again: %s", exc)
+        resends.submit(_resend, sender.kept, frame[1])
+
+
+def _resend(kept: KeptPayloads, result_ids: list[str]) -> None:
+    try:
+        kept.resend(result_ids)
+    except BrokerError as exc:
+        log.warning("could not send lost maps again: %s", exc)
 
 
 class Input:

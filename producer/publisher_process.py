@@ -101,7 +101,7 @@ class ProcessPublisher:
         # Written in pieces as room comes (_write_frame): a frame must not be cut by a signal.
         os.set_blocking(self._to_child.fileno(), False)
         # The longest a frame may take to go into the pipe: the publisher process reads it
-        # within milliseconds unless it is stuck (at most publish_timeout_s sending lost maps again).
+        # within milliseconds (nothing it does in between waits on the broker) unless it is stuck.
         self._write_timeout_s = settings.flush_timeout_s
         # Its first report says it is ready: a publisher that cannot start fails here, not later.
         try:

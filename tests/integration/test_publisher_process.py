@@ -29,6 +29,7 @@ import redis
 
 from producer import BrokerError, CollectTimeoutError, Producer, Settings, publisher_process
 from producer.errors import ConfigError
+from producer.keys import result_id
 from producer.wire import decode_map
 from tests.integration.conftest import Stack
 from tests.integration.test_result_poller import write_results
@@ -276,6 +277,35 @@ def test_maps_the_broker_lost_are_sent_again_by_the_publisher_process_which_kept
         # Then the publisher process sent those three again, and only those
         poll_until(lambda: queue.llen(settings.queue) > 0, 30, "the lost maps sent again")
     assert [i for batch in queued_batches(queue, settings.queue) for i in batch] == lost
+
+
+def test_a_resend_waiting_on_a_broker_that_is_down_does_not_keep_the_publisher_process_from_reading(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer().start()
+    try:
+        # Given maps published and kept, then a broker that goes down
+        settings = process_settings(server, tmp_path, publish_timeout_s=5, flush_timeout_s=1)
+        producer = Producer(settings)
+        publisher = producer._publisher
+        assert isinstance(publisher, publisher_process.ProcessPublisher)
+        ids = [image_id for image_id, _ in maps(3)]
+        for image_id, cam in maps(3):
+            producer.submit(image_id, cam)
+        producer.flush(30)
+        server.stop()
+        # When collect asks for them to be sent again (they wait on the broker for 5 s), and a
+        # map four times the pipe's size follows at once, with 1 s to go into it
+        publisher.resend([result_id(producer.run_id, image_id, None) for image_id in ids])
+        producer.submit("img/big", np.zeros((2048, 2048), np.float32))
+        # Then it went in whole, and once Redis is back the big map is published
+        server.start()
+        producer.close()
+        assert publisher._child.returncode == 0
+        published = [i for batch in queued_batches(server.client(4), settings.queue) for i in batch]
+        assert "img/big" in published
+    finally:
+        server.close()
 
 
 def test_a_publisher_process_that_cannot_start_fails_the_producer_with_its_exit_code(
