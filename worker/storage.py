@@ -28,8 +28,16 @@ if TYPE_CHECKING:
     from obstore.store import S3Config
 
 _MAX_FOLDERS = 4096  # folders FileStorage remembers as resolved and made
-# FileStorage's temporary files: ".<name>.<pid>-<thread id>.tmp", beside the map they become.
+# FileStorage's temporary files: ".<name>.<pid>-<thread id>.tmp", beside the map they become
+# (a name too long for that: its first 100 bytes and a hash of it, "<start>~<16 hex>").
 _TEMPORARY = re.compile(r"\..+\.\d+-\d+\.tmp")
+_MAX_NAME_BYTES = 255  # a file name, on Linux's file systems
+# Local write errors a retry cannot fix: a file where a folder must go or the other way
+# round, no permission, a read-only file system. (A link planted at a temporary name, ELOOP
+# with O_NOFOLLOW, is not one: a retry from another process or thread uses another name.)
+_PERMANENT_ERRNOS = frozenset(
+    {errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS}
+)
 
 # Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
 _PERMANENT_S3_CODES = frozenset(
@@ -70,8 +78,7 @@ class FileStorage:
 
     def put(self, key: str, data: bytes) -> StoredObject:
         path = self._path(key)
-        # Unique per process and thread, so concurrent duplicates of a map never share it.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        tmp = path.with_name(_temporary_name(path.name))
         try:
             handle = self._create(tmp)
             try:
@@ -86,6 +93,11 @@ class FileStorage:
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise InvalidImageIdError(f"object key {key!r} is too long for {self.root}") from exc
+            if exc.errno in _PERMANENT_ERRNOS:
+                raise StorageRejectedError(
+                    f"could not write {path}: {exc}; a retry cannot change that (a file where a folder "
+                    "must go, or a folder where the file must, no permission, or a read-only file system)"
+                ) from exc
             raise StorageError(f"could not write {path}: {exc}") from exc
         return StoredObject(path.as_uri(), len(data), _md5(data)[0])
 
@@ -307,6 +319,16 @@ def make_obstore_store(settings: Settings, bucket: str) -> Any:
         },
         credential_provider=Boto3CredentialProvider(session),
     )
+
+
+def _temporary_name(name: str) -> str:
+    """A hidden name beside ``name``, unique per process and thread: concurrent writes of
+    the same map never share it. A name too long to take the suffix is shortened, hashed."""
+    suffix = f".{os.getpid()}-{threading.get_ident()}.tmp"
+    if len(f".{name}{suffix}".encode()) > _MAX_NAME_BYTES:
+        digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+        name = f"{name.encode()[:100].decode(errors='ignore')}~{digest}"
+    return f".{name}{suffix}"
 
 
 def _write_all(handle: int, data: bytes) -> None:

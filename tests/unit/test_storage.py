@@ -16,7 +16,13 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from producer.errors import ConfigError, InvalidImageIdError, StorageError, TransientError
+from producer.errors import (
+    ConfigError,
+    InvalidImageIdError,
+    StorageError,
+    StorageRejectedError,
+    TransientError,
+)
 from producer.keys import object_key
 from producer.settings import Settings
 from worker import storage as storage_module
@@ -137,10 +143,30 @@ def test_an_error_while_writing_removes_the_temporary_file(root: Path) -> None:
     assert _files(root) == []
 
 
-def test_a_file_in_the_way_of_a_folder_is_a_storage_error(root: Path) -> None:
-    (root / "a").write_bytes(b"a file, not a folder")
-    with pytest.raises(StorageError, match="could not write"):
-        FileStorage(root).put("a/b.png", PNG)
+def test_a_file_in_the_way_of_a_folder_is_refused_for_good_not_retried(root: Path) -> None:
+    # ids "a.png" then "a.png/b": valid both, and S3 would store both
+    FileStorage(root).put("a.png", PNG)
+    with pytest.raises(StorageRejectedError, match=r"could not write .*a retry cannot change that"):
+        FileStorage(root).put("a.png/b.png", PNG)
+    assert _files(root) == ["a.png"]
+
+
+def test_a_folder_in_the_way_of_a_file_is_refused_for_good_not_retried(root: Path) -> None:
+    FileStorage(root).put("b.png/c.png", PNG)
+    with pytest.raises(StorageRejectedError, match=r"Is a directory.*a retry cannot change that"):
+        FileStorage(root).put("b.png", PNG)
+    assert _files(root) == ["b.png/c.png"]
+
+
+def test_a_name_as_long_as_a_key_may_be_is_written_though_its_temporary_name_is_longer(root: Path) -> None:
+    # a 200-byte id and a map name: a 253-byte file name; ".<name>.<pid>-<thread>.tmp" is over 255
+    key = object_key("", "i" * 200, "n" * 48)
+    FileStorage(root).put(key, PNG)
+    assert (root / key).read_bytes() == PNG
+    assert _files(root) == [key]
+    # and the temporary name it used is one the sweep knows
+    assert storage_module._TEMPORARY.fullmatch(storage_module._temporary_name(key))
+    assert len(storage_module._temporary_name(key).encode()) <= 255
 
 
 @pytest.mark.parametrize("key", ["../x.png", "a/../../x.png", "/etc/passwd", "/tmp/x.png", "", ".", "a/.."])
