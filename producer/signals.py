@@ -22,8 +22,14 @@ HELD_SIGNALS = {signal.SIGINT}
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """HELD_SIGNALS sent meanwhile to this thread wait (in the kernel) until the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    previous = None
     try:
+        # Inside the try: a Ctrl-C that came while the block began is raised as the call
+        # returns, before ``previous`` is set, and the block must end all the same.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if previous is None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        else:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
