@@ -14,6 +14,7 @@ import atexit
 import functools
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -192,24 +193,44 @@ class Producer:
         carrying the results that did arrive, if ``timeout`` seconds pass first.
         """
         wanted = [self._pending(item) for item in maps]
-        self.flush(timeout)  # a map still in the buffer has no result to wait for
+        deadline = None if timeout is None else time.monotonic() + timeout
+        unpublished = self._publish_buffered(timeout, deadline)
         found: dict[str, dict[str, Any]] = {}
         ids = list(dict.fromkeys(p.result_id for p in wanted))  # submission order, each once
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             with tqdm(total=len(ids), desc="collect", unit="map", disable=not progress) as bar:
-                for rid, meta in self._poll(ids, timeout, poll_interval_s):
+                for rid, meta in self._poll(ids, remaining, poll_interval_s):
                     found[rid] = meta
                     bar.update(1)
-        except TimeoutError:
+        except TimeoutError as exc:
             pending = len(ids) - len(found)
+            cause = unpublished or exc.__cause__  # maps the broker did not take, or a result backend down
             error = CollectTimeoutError(
-                f"{pending} of {len(ids)} map results still pending after {timeout:g} s (run {self.run_id})",
+                f"{pending} of {len(ids)} map results still pending after {timeout:g} s (run {self.run_id})"
+                + (f"; {cause}" if cause else ""),
                 pending=pending,
                 total=len(ids),
             )
             error.results = [_to_result(p, found.get(p.result_id)) for p in wanted]
-            raise error from None
+            raise error from cause
         return [_to_result(p, found[p.result_id]) for p in wanted]
+
+    def _publish_buffered(self, timeout: float | None, deadline: float | None) -> BrokerError | None:
+        """Flush within collect's own timeout: a map still in the buffer has no result to wait for.
+
+        Returns the BrokerError of maps still unsent when that time is up (collect then says so
+        in its CollectTimeoutError); one that comes before, a publisher process gone, is raised.
+        """
+        if self._publisher is None:
+            return None
+        try:
+            self._publisher.flush(timeout)
+        except BrokerError as exc:
+            if deadline is None or time.monotonic() < deadline:
+                raise
+            return exc
+        return None
 
     def _poll(
         self, ids: list[str], timeout: float | None, interval_s: float

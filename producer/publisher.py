@@ -40,10 +40,16 @@ def buffer_full_error(capacity: int, timeout_s: float, cause: object) -> BrokerE
 
 
 def unsent_error(unsent: int, timeout_s: float | None, kept_by: str, cause: object) -> BrokerError:
+    why = "publishing them takes longer" if cause is None else f"the broker is not taking messages: {cause}"
     return BrokerError(
-        f"{unsent} map(s) still unsent after {timeout_s:g} s (kept {kept_by}, still retrying): "
-        f"the broker is not taking messages: {cause}"
+        f"{unsent} map(s) still unsent after {timeout_s:g} s (kept {kept_by}, still publishing): {why}"
     )
+
+
+def discarded_error(unsent: int, timeout_s: float | None, cause: object) -> BrokerError:
+    """What close says of the maps it could not publish in time: closing gives them up."""
+    why = "publishing them took longer" if cause is None else f"the broker is not taking messages: {cause}"
+    return BrokerError(f"{unsent} map(s) still unsent after {timeout_s:g} s, discarded by close: {why}")
 
 
 class BackgroundPublisher(Generic[Item]):
@@ -106,9 +112,11 @@ class BackgroundPublisher(Generic[Item]):
                 raise unsent_error(unsent, timeout_s, "in the buffer", self._last_error)
 
     def close(self, timeout_s: float | None) -> None:
-        """Flush, then stop the thread. Maps still unsent after ``timeout_s`` raise BrokerError."""
+        """Flush, then stop the thread. Maps still unsent after ``timeout_s`` are discarded: BrokerError."""
         try:
             self.flush(timeout_s)
+        except BrokerError:
+            raise discarded_error(self.unsent, timeout_s, self._last_error) from None
         finally:
             with self._changed:
                 self._closing = True

@@ -32,7 +32,7 @@ import msgpack
 import numpy as np
 
 from producer.errors import BrokerError, ConfigError
-from producer.publisher import buffer_full_error, closed_error, unsent_error
+from producer.publisher import buffer_full_error, closed_error, discarded_error, unsent_error
 from producer.sender import Outgoing
 from producer.settings import Settings
 from producer.signals import signals_held
@@ -166,11 +166,16 @@ class ProcessPublisher:
                 )
 
     def close(self, timeout_s: float | None) -> None:
-        """Flush, then end the publisher process. Maps still unsent after ``timeout_s`` raise BrokerError."""
+        """Flush, then end the publisher process; maps unsent after ``timeout_s``: BrokerError, discarded."""
         flushed = False
         try:
             self.flush(timeout_s)
             flushed = True
+        except BrokerError as exc:
+            if self._child.poll() is not None:  # it exited: that is the error to report
+                raise
+            unsent = self._accepted - self._published
+            raise discarded_error(unsent, timeout_s, self._last_error) from exc
         finally:
             with self._lock:
                 self._closing = True
@@ -246,6 +251,8 @@ class ProcessPublisher:
 
     def _read_reports(self, timeout_s: float | None) -> None:
         """Read what the publisher process reported, waiting up to ``timeout_s`` for a report."""
+        if self._from_child.closed:
+            raise closed_error()
         fd = self._from_child.fileno()
         if not select.select([fd], [], [], timeout_s)[0]:
             return

@@ -13,12 +13,21 @@ actmap supports. Values are decoded and judged ready the way Celery's ``get_many
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import redis
 from celery import states
+
+log = logging.getLogger("actmap.producer")
+
+# A result backend that cannot answer for now: Redis restarting, a network blip (the
+# filesystem backend raises OSError).
+BACKEND_ERRORS = (redis.RedisError, OSError)
 
 # Keys per MGET. A result meta is ~330 bytes, so a full window is a ~170 KB reply Redis
 # serves in ~0.4 ms, short enough not to hold up the workers' writes (Redis runs one command
@@ -62,16 +71,20 @@ class ResultPoller:
         arrived. Otherwise the caller waits, and the next read starts from the same ids.
         """
         window = take_oldest(self._queue, self._window)
-        arrived = self._read(window)
-        self._queue.extendleft(reversed([rid for rid in window if rid in self._keys]))
+        try:
+            arrived = self._read(window)
+        finally:  # read or not (the backend unreachable), those still pending go back in front
+            self._queue.extendleft(reversed([rid for rid in window if rid in self._keys]))
         return len(window) > 0 and 2 * arrived >= len(window)
 
     def read_all(self) -> None:
         """Read every pending id, a window per MGET (on a timeout, or before sending maps again)."""
         ids = list(self._queue)
-        for start in range(0, len(ids), self._window):
-            self._read(ids[start : start + self._window])
-        self._queue = deque(rid for rid in ids if rid in self._keys)
+        try:
+            for start in range(0, len(ids), self._window):
+                self._read(ids[start : start + self._window])
+        finally:
+            self._queue = deque(rid for rid in ids if rid in self._keys)
 
     def take_arrived(self) -> list[Result]:
         """The results read since the last call, each (id, Celery meta) once."""
@@ -120,17 +133,31 @@ def poll_results(
     """
     poller = ResultPoller(backend, ids, window=window)
     deadline = None if timeout is None else time.monotonic() + timeout
+    unreachable: Exception | None = None  # the result backend's error, while it lasts
     while poller.pending:
-        read_again = poller.read_oldest()
+        try:
+            read_again = poller.read_oldest()
+            if unreachable is not None:
+                log.warning("result backend reachable again")
+                unreachable = None
+        except BACKEND_ERRORS as exc:
+            # A Redis restarting, say: the results are still to come; keep trying until the timeout.
+            if unreachable is None:
+                log.warning(
+                    "cannot read results, retrying until the timeout: %s: %s", type(exc).__name__, exc
+                )
+            unreachable, read_again = exc, False
         yield from poller.take_arrived()
         if read_again or not poller.pending:
             continue
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            poller.read_all()
+            with contextlib.suppress(*BACKEND_ERRORS):
+                poller.read_all()
             yield from poller.take_arrived()
             if poller.pending:
-                raise TimeoutError(f"{len(poller.pending)} result(s) still pending after {timeout:g} s")
+                message = f"{len(poller.pending)} result(s) still pending after {timeout:g} s"
+                raise TimeoutError(message) from unreachable
             return
         if between_polls is not None:
 
@@ -140,7 +167,8 @@ def poll_results(
                 poller.read_all()
                 return list(poller.pending)
 
-            between_polls(missing)
+            with contextlib.suppress(*BACKEND_ERRORS):  # a redelivery check waits for the backend too
+                between_polls(missing)
             yield from poller.take_arrived()
             if not poller.pending:
                 return

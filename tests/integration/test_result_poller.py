@@ -7,7 +7,9 @@ and INFO, so a test cannot be fooled by what the client thinks it sent.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -20,7 +22,7 @@ import redis
 
 from producer import Producer, Settings
 from producer.celery_config import make_celery
-from producer.errors import CollectTimeoutError, InvalidMapError
+from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
 from producer.keys import result_id
 from producer.result_poller import WINDOW
 from producer.results import MapResult, success_result
@@ -282,3 +284,92 @@ def test_the_filesystem_result_backend_still_collects(tmp_path: Path) -> None:
         results = producer.collect(ids, timeout=30)
     assert results[-1].error is not None and results[-1].error.type == "InvalidMapError"
     assert_ok_in_order(results[:-1], ids[:-1])
+
+
+class Logged(logging.Handler):
+    """Sets ``seen`` once a record whose message contains ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_collect_goes_on_through_a_result_backend_restart_and_gets_every_result(tmp_path: Path) -> None:
+    ids = image_ids(20)
+    watch = Logged("cannot read results, retrying until the timeout")
+    logger = logging.getLogger("actmap.producer")
+    logger.addHandler(watch)
+    outcome: dict[str, object] = {}
+    with RedisServer(appendonly=True) as server:
+        settings = redis_settings(server, tmp_path, background_publish=False, redeliver_lost=False)
+        # Given half the results written, then the result backend down
+        write_results(settings, "blip", ids[:10])
+        server.stop()
+
+        def collect() -> None:
+            with Producer(settings, run_id="blip") as producer:
+                try:
+                    outcome["results"] = producer.collect(ids, timeout=60)
+                except Exception as exc:
+                    outcome["error"] = exc
+
+        # When collect starts while it is down (in a thread: this one restarts Redis, which
+        # dies with the thread that started it), and Redis comes back with the rest
+        collector = threading.Thread(target=collect, daemon=True)
+        collector.start()
+        try:
+            assert watch.seen.wait(60)
+            server.start()
+            write_results(settings, "blip", ids[10:])
+            collector.join(120)
+        finally:
+            logger.removeHandler(watch)
+    # Then collect kept trying, and has them all
+    assert "error" not in outcome, outcome
+    assert_ok_in_order(outcome["results"], ids)  # type: ignore[arg-type]
+
+
+def test_when_the_result_backend_stays_down_collect_times_out_saying_why(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        settings = redis_settings(server, tmp_path, background_publish=False, redeliver_lost=False)
+        server.stop()
+        with Producer(settings, run_id="down") as producer, pytest.raises(CollectTimeoutError) as raised:
+            producer.collect(image_ids(3), timeout=1)
+    error = raised.value
+    assert "3 of 3 map results still pending after 1 s (run down); " in str(error)
+    assert "Connection refused" in str(error)
+    assert isinstance(error.__cause__, redis.ConnectionError)
+    assert [r.ok for r in error.results] == [False] * 3
+
+
+@pytest.mark.parametrize("publisher", ["thread", "process"])
+def test_collect_with_maps_the_broker_has_not_taken_times_out_within_its_own_timeout_saying_so(
+    tmp_path: Path, publisher: str
+) -> None:
+    with RedisServer() as server:
+        settings = redis_settings(
+            server, tmp_path, background_publisher=publisher, publish_timeout_s=1, flush_timeout_s=2
+        )
+        server.stop()
+        with Producer(settings) as producer:
+            pending = producer.submit("img/00000", np.zeros((4, 4), np.float32))
+            # a CollectTimeoutError, not flush's BrokerError: the time was collect's to spend
+            with pytest.raises(CollectTimeoutError) as raised:
+                producer.collect([pending], timeout=1)
+            assert re.search(
+                r"1 of 1 map results still pending after 1 s \(run \w+\); 1 map\(s\) still unsent after 1 s "
+                r"\(kept .*, still publishing\): the broker is not taking messages: ",
+                str(raised.value),
+            ), str(raised.value)
+            assert isinstance(raised.value.__cause__, BrokerError)
+            # and close, which cannot publish it either, says it gives it up
+            with pytest.raises(BrokerError, match=r"1 map\(s\) still unsent after .* s, discarded by close"):
+                producer.close()
+            # and what comes after close says the producer is closed
+            with pytest.raises(BrokerError, match="producer is closed"):
+                producer.submit("img/00001", np.zeros((4, 4), np.float32))

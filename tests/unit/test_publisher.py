@@ -97,3 +97,26 @@ def test_a_map_whose_put_a_ctrl_c_cut_short_after_it_was_buffered_is_counted_and
     assert broker.published == [b"map-0", b"map-1"]
     assert publisher.unsent == 0
     publisher.close(timeout_s=30)
+
+
+def test_a_flush_that_runs_out_of_time_on_a_slow_but_working_broker_does_not_blame_the_broker() -> None:
+    release = threading.Event()
+    publisher = BackgroundPublisher(lambda batch: release.wait(30), capacity=1000, batch_size=8, linger_s=0)
+    publisher.put(b"map-0", timeout_s=5)
+    with pytest.raises(BrokerError, match=r"1 map\(s\) still unsent .* publishing them takes longer$"):
+        publisher.flush(timeout_s=0.05)
+    release.set()
+    publisher.close(timeout_s=30)
+    assert publisher.unsent == 0
+
+
+def test_close_says_it_discards_the_maps_it_could_not_publish_in_time() -> None:
+    broker = Broker()
+    broker.down.set()
+    publisher = BackgroundPublisher(broker.send, capacity=1000, batch_size=4, linger_s=0)
+    for payload in payloads(3):
+        publisher.put(payload, timeout_s=5)
+    with pytest.raises(
+        BrokerError, match=r"3 map\(s\) still unsent after 0.2 s, discarded by close: .*refused"
+    ):
+        publisher.close(timeout_s=0.2)
