@@ -125,15 +125,29 @@ class Producer:
         fade_low_activation: bool = True,
         progress: bool = False,
     ) -> list[PendingMap]:
-        """Queue (image_id, map) or (image_id, map, name) items, ``batch_size`` maps per message."""
+        """Queue (image_id, map) or (image_id, map, name) items, ``batch_size`` maps per message.
+
+        A bad item raises as ``submit`` would, with a note naming it: the maps before it are
+        submitted (their handles are lost with the return value: collect them by image id),
+        none after it.
+        """
         handles: list[PendingMap] = []
         batch: list[Outgoing] = []
         with tqdm(desc="submit", unit="map", disable=not progress) as bar:
-            for item in maps:
-                image_id, activation_map, name = _unpack_item(item)
-                pending, message = self._prepare(
-                    image_id, activation_map, name, colormap, fade_low_activation
-                )
+            for index, item in enumerate(maps):
+                try:
+                    image_id, activation_map, name = _unpack_item(item)
+                    pending, message = self._prepare(
+                        image_id, activation_map, name, colormap, fade_low_activation
+                    )
+                except Exception as exc:
+                    if batch:
+                        self._send(batch)
+                    exc.add_note(
+                        f"submit_many: item {index} refused; the {len(handles)} map(s) before it are "
+                        "submitted, none after it"
+                    )
+                    raise
                 handles.append(pending)
                 batch.append(message)
                 if len(batch) >= self.settings.batch_size:

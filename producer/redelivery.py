@@ -32,11 +32,16 @@ UNACKED_KEY = "unacked"
 
 
 class KeptPayloads:
-    """The packed maps, by result id, until their result is collected; at most ``max_bytes``."""
+    """The packed maps, by result id, until their result is collected; at most ``max_bytes``.
 
-    def __init__(self, send: Callable[[list[bytes]], None], *, max_bytes: int) -> None:
+    Sent again ``batch_size`` to a message, as they were first: thousands lost at once in one
+    message would go to one worker process, one after the other.
+    """
+
+    def __init__(self, send: Callable[[list[bytes]], None], *, max_bytes: int, batch_size: int) -> None:
         self._send = send
         self._max_bytes = max_bytes
+        self._batch_size = batch_size
         self._payloads: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()  # remember runs in the publisher thread, the rest in collect's
         self._bytes = 0
@@ -69,7 +74,8 @@ class KeptPayloads:
                 "sending them again",
                 len(lost),
             )
-            self._send(lost)
+            for start in range(0, len(lost), self._batch_size):
+                self._send(lost[start : start + self._batch_size])
         return len(lost)
 
 

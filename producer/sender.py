@@ -39,7 +39,9 @@ class MapSender:
         # Only a Redis broker loses messages unseen (producer.redelivery).
         self.kept: KeptPayloads | None = None
         if resend is not None and settings.redeliver_lost and settings.uses_redis_broker():
-            self.kept = KeptPayloads(resend, max_bytes=settings.redeliver_buffer_mb << 20)
+            self.kept = KeptPayloads(
+                resend, max_bytes=settings.redeliver_buffer_mb << 20, batch_size=settings.batch_size
+            )
 
     def send(self, outgoing: Sequence[Outgoing]) -> None:
         """Pack and send maps in one Celery message; BrokerError once ``publish_timeout_s`` is spent."""

@@ -19,16 +19,16 @@ class Broker:
 class Redelivery:
     """The producer's pair: the payloads kept, and the check that sends lost ones again."""
 
-    def __init__(self, broker: Broker, max_bytes: int) -> None:
-        self.kept = KeptPayloads(broker.send, max_bytes=max_bytes)
+    def __init__(self, broker: Broker, max_bytes: int, batch_size: int = 32) -> None:
+        self.kept = KeptPayloads(broker.send, max_bytes=max_bytes, batch_size=batch_size)
         self.lost = LostMapRedelivery(self.kept.resend, lambda: broker.idle, check_every_s=0)
         self.remember = self.kept.remember
         self.collected = self.kept.collected
         self.check = self.lost.check
 
 
-def redelivery(broker: Broker, max_bytes: int = 1 << 20) -> Redelivery:
-    return Redelivery(broker, max_bytes)
+def redelivery(broker: Broker, max_bytes: int = 1 << 20, batch_size: int = 32) -> Redelivery:
+    return Redelivery(broker, max_bytes, batch_size)
 
 
 def test_missing_maps_are_sent_again_only_after_two_idle_checks_in_a_row() -> None:
@@ -67,3 +67,14 @@ def test_payloads_beyond_the_memory_bound_are_dropped_oldest_first(sizes: list[i
     lost.check(lambda: {f"r{i}" for i in range(len(sizes))})
     assert sum(len(p) for p in broker.sent[0]) <= 1000
     assert len(broker.sent[0][-1]) == sizes[-1]  # the newest is kept
+
+
+def test_many_lost_maps_go_out_again_a_batch_to_a_message_in_the_order_kept() -> None:
+    broker = Broker()
+    broker.idle = True
+    lost = redelivery(broker, batch_size=3)
+    for i in range(7):
+        lost.remember(f"r{i}", f"map-{i}".encode())
+    lost.check(lambda: set())
+    assert lost.check(lambda: [f"r{i}" for i in range(7)]) == 7
+    assert broker.sent == [[b"map-0", b"map-1", b"map-2"], [b"map-3", b"map-4", b"map-5"], [b"map-6"]]
