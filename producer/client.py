@@ -41,6 +41,8 @@ log = logging.getLogger("actmap.producer")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Collected results whose kept payloads are dropped at once (producer.redelivery).
 FORGET_EVERY = 1024
+# A map message's bytes besides the map's, ids and name aside: field names, shape, options.
+MESSAGE_FIELDS_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,18 @@ class Producer:
         # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
         # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
         array = intensities if self.settings.quantize else host_array(activation_map)
+        ids = len(self.run_id) + len(image_id.encode()) + len((name or "").encode())
+        if array.nbytes + ids + MESSAGE_FIELDS_BYTES > self.settings.max_message_bytes:
+            # Refused here: a worker could only refuse the message unread, unable to say whose map it was.
+            raise InvalidMapError(
+                f"map {image_id!r} is {array.nbytes} bytes as sent ({array.dtype}); a map message holds at "
+                f"most {self.settings.max_message_bytes} (ACTMAP_MAX_MESSAGE_BYTES, the workers' too)"
+                + (
+                    ""
+                    if self.settings.quantize
+                    else "; quantizing (ACTMAP_QUANTIZE=true) makes it 1 byte a pixel"
+                )
+            )
         if isinstance(self._publisher, BackgroundPublisher) and (
             array is activation_map or not array.flags.owndata
         ):

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import producer
 from producer import Producer, Settings
+from producer.errors import InvalidMapError
 from producer.scanlines import Scanlines
 from producer.wire import decode_map
 
@@ -66,6 +68,22 @@ def test_quantized_maps_are_sent_as_png_scanlines_by_default_and_unquantized_one
     unquantized = decode_map(raw, max_pixels=10**6, max_message_bytes=10**7).array
     assert isinstance(unquantized, np.ndarray)
     np.testing.assert_array_equal(unquantized, cam)
+
+
+def test_a_map_too_large_for_a_message_is_refused_at_submit_naming_the_limit(tmp_path) -> None:
+    # 512² float32 unquantized: 1 MiB, over a 1 MiB message limit once ids are added
+    producer = Producer(Settings(home=tmp_path, quantize=False, max_message_bytes=1 << 20))
+    cam = np.zeros((512, 512), np.float32)
+    with pytest.raises(
+        InvalidMapError,
+        match=r"map 'big' is 1048576 bytes as sent \(float32\); a map message "
+        r"holds at most 1048576 \(ACTMAP_MAX_MESSAGE_BYTES.*quantizing",
+    ):
+        producer.submit("big", cam)
+    # quantized, the same map is a quarter of that, and is accepted
+    assert Producer(Settings(home=tmp_path, max_message_bytes=1 << 20))._prepare(
+        "big", cam, None, "jet", True
+    )
 
 
 def test_the_readme_settings_table_lists_every_setting_with_its_default_and_meaning() -> None:
