@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -22,12 +23,26 @@ from typing import Any
 
 import redis
 from celery import states
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 
 log = logging.getLogger("actmap.producer")
 
 # A result backend that cannot answer for now: Redis restarting, a network blip (the
-# filesystem backend raises OSError).
+# filesystem backend raises OSError). Not those that last (see _lasting).
 BACKEND_ERRORS = (redis.RedisError, OSError)
+
+
+def _lasting(exc: BaseException) -> bool:
+    """An error no wait will mend: a refused password or permission, a certificate not trusted."""
+    if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
+        return True
+    cause: BaseException | None = exc
+    while cause is not None:  # redis-py raises ConnectionError while handling the SSL error
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
 
 # Keys per MGET. A result meta is ~330 bytes, so a full window is a ~170 KB reply Redis
 # serves in ~0.4 ms, short enough not to hold up the workers' writes (Redis runs one command
@@ -141,6 +156,8 @@ def poll_results(
                 log.warning("result backend reachable again")
                 unreachable = None
         except BACKEND_ERRORS as exc:
+            if _lasting(exc):
+                raise
             # A Redis restarting, say: the results are still to come; keep trying until the timeout.
             if unreachable is None:
                 log.warning(
