@@ -29,8 +29,10 @@ class ResultStore:
         self._redis = isinstance(backend, RedisBackend)
         self._pending: list[tuple[str, bytes]] = []
         self._oldest = 0.0
+        self.recorded: set[str] = set()  # result ids given an outcome through this store
 
     def succeeded(self, result_id: str, result: dict[str, Any]) -> None:
+        self.recorded.add(result_id)
         if not self._redis:
             self.backend.mark_as_done(result_id, result)
             return
@@ -44,6 +46,7 @@ class ResultStore:
             self.flush()
 
     def failed(self, result_id: str, error: Exception) -> None:
+        self.recorded.add(result_id)
         self.flush()
         self.backend.mark_as_failure(result_id, error)
 

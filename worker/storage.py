@@ -222,7 +222,9 @@ class ObstoreS3Storage:
             ) from exc
         except BaseError as exc:
             message = f"PUT {self.locator(key)} failed: {type(exc).__name__}: {exc}"
-            if any(code in str(exc) for code in _PERMANENT_S3_CODES):
+            # The code as the server's XML error body gives it, not anywhere in the text: the
+            # text also holds the URL, whose key may contain "AccessDenied".
+            if any(f"<Code>{code}</Code>" in str(exc) for code in _PERMANENT_S3_CODES):
                 raise StorageRejectedError(message) from exc
             raise StorageError(message) from exc
         return StoredObject(self.locator(key), len(data), _md5(data)[0])
@@ -234,8 +236,9 @@ class StorageLocation:
     prefix: str
 
 
-def open_storage(settings: Settings) -> StorageLocation:
-    """The storage and key prefix named by ``settings.effective_storage_url``."""
+def storage_url_parts(settings: Settings) -> tuple[str, str, str]:
+    """(scheme, folder or bucket, key prefix) of ``settings.effective_storage_url``; ConfigError
+    if it cannot work. Pure: a worker checks it as it starts, before any map comes."""
     url = settings.effective_storage_url
     parts = urlsplit(url)
     if parts.scheme == "file":
@@ -243,19 +246,27 @@ def open_storage(settings: Settings) -> StorageLocation:
             raise ConfigError(
                 f"storage URL {url!r} names host {parts.netloc!r}; expected file:///absolute/dir"
             )
-        return StorageLocation(FileStorage(Path(unquote(parts.path))), "")
+        return "file", unquote(parts.path), ""
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"storage URL {url!r} has no bucket; expected s3://bucket/prefix")
-        storage: Storage
-        if settings.s3_client == "obstore":
-            storage = ObstoreS3Storage(make_obstore_store(settings, parts.netloc), parts.netloc)
-        else:
-            storage = S3Storage(make_s3_client(settings), parts.netloc, settings.s3_server_side_encryption)
-        return StorageLocation(storage, parts.path.strip("/"))
+        return "s3", parts.netloc, parts.path.strip("/")
     raise ConfigError(
         f"storage URL {url!r} has scheme {parts.scheme!r}; expected s3://bucket/prefix or file:///dir"
     )
+
+
+def open_storage(settings: Settings) -> StorageLocation:
+    """The storage and key prefix named by ``settings.effective_storage_url``."""
+    scheme, where, prefix = storage_url_parts(settings)
+    if scheme == "file":
+        return StorageLocation(FileStorage(Path(where)), prefix)
+    storage: Storage
+    if settings.s3_client == "obstore":
+        storage = ObstoreS3Storage(make_obstore_store(settings, where), where)
+    else:
+        storage = S3Storage(make_s3_client(settings), where, settings.s3_server_side_encryption)
+    return StorageLocation(storage, prefix)
 
 
 def make_s3_client(settings: Settings) -> S3Client:

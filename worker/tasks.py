@@ -14,19 +14,23 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_shutdown
+from celery.exceptions import Ignore, Reject
+from celery.exceptions import Retry as CeleryRetry
+from celery.signals import worker_init, worker_process_shutdown
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.celery_config import TASK_NAME
-from producer.errors import StorageError, WireFormatError
+from producer.errors import ConfigError, StorageError, WireFormatError
+from producer.keys import result_id
+from producer.wire import MapDecodeError, decode_map
 from worker import metrics
 from worker.app import app, settings
 from worker.backoff import backoff_s
 from worker.pipeline import Done, Failed, Pipeline, Postponed, Retry
 from worker.result_store import ResultStore
-from worker.storage import open_storage
+from worker.storage import open_storage, storage_url_parts
 
 log = logging.getLogger("actmap.worker")
 
@@ -34,6 +38,15 @@ log = logging.getLogger("actmap.worker")
 @worker_process_shutdown.connect
 def _forget_process_metrics(**_: Any) -> None:
     metrics.process_exited(os.getpid())
+
+
+@worker_init.connect
+def _refuse_a_storage_url_that_cannot_work(**_: Any) -> None:
+    """In the worker's main process as it starts: a storage URL that cannot work stops it there."""
+    try:
+        storage_url_parts(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"actmap worker: {exc}") from None
 
 
 @functools.cache
@@ -60,9 +73,31 @@ _BROKER_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
     max_retries=settings.task_max_retries,
 )
 def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
-    if not isinstance(maps, list):
-        raise WireFormatError(f"task argument must be a list of map messages, received {type(maps).__name__}")
     results = ResultStore(self.backend)
+    if not isinstance(maps, list):
+        # Celery keeps no result of a task that ignores its results: recorded here, under its id.
+        error = WireFormatError(
+            f"task argument must be a list of map messages, received {type(maps).__name__}"
+        )
+        results.failed(str(self.request.id), error)
+        log.error("task %s: %s", self.request.id, error)
+        return {"maps": 0, "done": 0, "failed": 0, "retried": 0, "postponed": 0}
+    try:
+        return _render_all(self, maps, results)
+    except (
+        *_BROKER_ERRORS,
+        CeleryRetry,
+        Ignore,
+        Reject,
+    ):  # Celery's own retries (autoretry_for), as they are
+        raise
+    except Exception as exc:
+        # Storage that could not even be opened, a bug: Celery would acknowledge the message and
+        # keep nothing (the task ignores its results), and its maps would be lost without a word.
+        return _failed_unexpectedly(self, maps, results, exc)
+
+
+def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -> dict[str, int]:
     done = failed = 0
     unreadable: list[str] = []
     retry: list[Retry] = []
@@ -113,6 +148,39 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
         "retried": len(retry),
         "postponed": len(postponed),
     }
+
+
+def _failed_unexpectedly(
+    task: Task[Any, Any], maps: list[bytes], results: ResultStore, error: Exception
+) -> dict[str, int]:
+    """The whole message again with backoff, ``task_max_retries`` times; then each map not
+    recorded yet fails with ``error`` (never over a success: Celery's path)."""
+    attempt = task.request.retries
+    if attempt < settings.task_max_retries:
+        countdown = max(1.0, backoff_s(attempt, cap_s=settings.retry_backoff_max_s))
+        log.error(
+            "task %s failed unexpectedly; its %d map(s) again in %.1f s (retry %d)",
+            task.request.id, len(maps), countdown, attempt + 1, exc_info=error,
+        )  # fmt: skip
+        raise task.retry(args=(maps,), countdown=countdown, max_retries=settings.task_max_retries)
+    log.error(
+        "task %s failed unexpectedly %d times; its maps fail with that error", task.request.id, attempt + 1,
+        exc_info=error,
+    )  # fmt: skip
+    failed = 0
+    for payload in maps:
+        try:
+            message = decode_map(
+                payload, max_pixels=settings.max_pixels, max_message_bytes=settings.max_message_bytes
+            )
+        except MapDecodeError:
+            continue  # unreadable, and so failed already, under the task's id
+        rid = result_id(message.run_id, message.image_id, message.name)
+        if rid not in results.recorded:
+            results.failed(rid, error)
+            failed += 1
+    results.flush()
+    return {"maps": len(maps), "done": 0, "failed": failed, "retried": 0, "postponed": 0}
 
 
 def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry], results: ResultStore) -> None:

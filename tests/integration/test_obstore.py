@@ -14,11 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from producer.errors import StorageError, StorageRejectedError
 from producer.keys import object_key
+from producer.settings import Settings
 from tests.integration.conftest import Stack
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedS3
 from worker.render import render_png
+from worker.storage import open_storage
 
 pytest.importorskip("obstore", reason="obstore is not installed (pip install -e '.[obstore]')")
 
@@ -109,3 +113,24 @@ def test_a_refusal_s3_will_not_change_fails_the_map_at_once_naming_it(
     assert code in result.error.message, result.error.message
     assert "will be retried" not in logs
     assert change.get("AWS_SECRET_ACCESS_KEY", "no secret here") not in logs + result.error.message
+
+
+def test_a_connection_failure_is_retried_even_when_the_key_names_an_s3_error_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The error's text holds the URL: a key with "AccessDenied" in it must not make it permanent
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret")
+    settings = Settings(
+        home=tmp_path,
+        storage_url="s3://bucket/maps",
+        s3_client="obstore",
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        s3_region="us-east-1",
+        storage_max_attempts=1,
+    )
+    storage = open_storage(settings).storage
+    with pytest.raises(StorageError) as raised:
+        storage.put("maps/val/AccessDenied-report.png", b"png bytes")
+    assert not isinstance(raised.value, StorageRejectedError), raised.value
+    assert "AccessDenied-report.png" in str(raised.value)

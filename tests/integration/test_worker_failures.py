@@ -1,0 +1,83 @@
+"""A worker that cannot do its work says so: at start, for a storage URL that cannot work; per
+map, for anything unexpected, after retries. Never a message dropped without a result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer.celery_config import TASK_NAME
+from tests.integration.conftest import Stack
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerProcess
+
+
+def test_a_worker_given_a_storage_url_that_cannot_work_refuses_to_start_saying_why(
+    module_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = {
+        "ACTMAP_HOME": str(tmp_path / "home"),
+        "ACTMAP_BROKER_URL": module_redis.url(2),
+        "ACTMAP_RESULT_BACKEND": module_redis.url(3),
+        "ACTMAP_STORAGE_URL": "gs://bucket/maps",
+    }
+    with pytest.raises(RuntimeError, match="did not start") as raised:
+        WorkerProcess(env, tmp_path)
+    assert (
+        "actmap worker: storage URL 'gs://bucket/maps' has scheme 'gs'; expected s3://bucket/prefix or "
+        "file:///dir"
+    ) in str(raised.value)
+
+
+def test_maps_whose_task_fails_unexpectedly_are_retried_then_each_fails_with_that_error(
+    module_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Given a worker whose storage cannot be opened once maps come: obstore's client, and no
+    # AWS credentials anywhere (an instance role not there yet, say)
+    module_redis.client(2).flushdb()
+    stack = Stack(
+        env={
+            "ACTMAP_HOME": str(tmp_path / "home"),
+            "ACTMAP_BROKER_URL": module_redis.url(2),
+            "ACTMAP_RESULT_BACKEND": module_redis.url(3),
+            "ACTMAP_STORAGE_URL": "s3://bucket/maps",
+            "ACTMAP_S3_CLIENT": "obstore",
+            "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
+            "ACTMAP_TASK_MAX_RETRIES": "1",
+            "ACTMAP_RETRY_BACKOFF_MAX_S": "1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        },
+        log_dir=tmp_path,
+    )
+    stack.start_worker()
+    try:
+        # When three maps come in one message
+        with stack.producer() as producer:
+            pending = producer.submit_many((f"img/{i}", np.zeros((4, 4), np.float32)) for i in range(3))
+            results = producer.collect(pending, timeout=60)
+    finally:
+        stack.stop()
+    # Then the message was tried again, then each map failed with the error, which collect reads
+    logs = stack.worker_logs()
+    assert "failed unexpectedly; its 3 map(s) again in" in logs
+    assert "failed unexpectedly 2 times; its maps fail with that error" in logs
+    assert [r.ok for r in results] == [False, False, False]
+    for result in results:
+        assert result.error is not None
+        assert result.error.type == "ValueError"
+        assert "get_credentials" in result.error.message
+
+
+def test_a_task_whose_argument_is_not_a_list_of_maps_is_recorded_under_its_id(local_stack: Stack) -> None:
+    with local_stack.producer() as producer:
+        task = producer._app.send_task(TASK_NAME, args=["not a list"])
+        meta = next(producer._app.backend.get_many([task.id], timeout=60, interval=0.1))[1]
+        # and the worker goes on with the next
+        after = producer.submit("after-not-a-list", np.zeros((4, 4), np.uint8))
+        assert producer.collect([after], timeout=60)[0].ok
+    assert meta["status"] == "FAILURE"
+    assert "task argument must be a list of map messages, received str" in str(meta["result"])
