@@ -144,7 +144,9 @@ def poll_results(
     Between polls, sleeps ``interval_s`` and calls ``between_polls(missing)``, where
     ``missing()`` reads and returns the ids still without a result. Raises
     TimeoutError after ``timeout`` seconds, having first read every still-pending id once
-    more, so every result that did arrive has been yielded.
+    more, so every result that did arrive has been yielded. A backend that cannot answer (a
+    Redis restarting) is read again until then, and the TimeoutError is raised from its last
+    error; one no wait mends (a certificate not trusted, a password refused) is raised at once.
     """
     poller = ResultPoller(backend, ids, window=window)
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -59,6 +59,8 @@ def pipeline() -> Pipeline:
 # Maps already stored are written again to the same key with the same bytes, and their
 # success results are never overwritten by anything but success.
 _BROKER_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
+# What the task lets through to Celery as it is: those (autoretry_for) and Celery's own retries.
+_CELERY_WAYS_OUT = (*_BROKER_ERRORS, CeleryRetry, Ignore, Reject)
 
 
 @app.task(
@@ -84,12 +86,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
         return {"maps": 0, "done": 0, "failed": 0, "retried": 0, "postponed": 0}
     try:
         return _render_all(self, maps, results)
-    except (
-        *_BROKER_ERRORS,
-        CeleryRetry,
-        Ignore,
-        Reject,
-    ):  # Celery's own retries (autoretry_for), as they are
+    except _CELERY_WAYS_OUT:
         raise
     except Exception as exc:
         # Storage that could not even be opened, a bug: Celery would acknowledge the message and
@@ -134,13 +131,7 @@ def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -
         self.apply_async(args=(postponed,), retries=self.request.retries)  # type: ignore[call-arg]
     if retry:
         _retry_or_give_up(self, retry, results)
-    if unreadable:
-        # No map id to report under: record it under the task's own id, and say so in the log.
-        error = WireFormatError(
-            f"{len(unreadable)} of {len(maps)} map messages unreadable; first: {unreadable[0]}"
-        )
-        results.failed(str(self.request.id), error)
-        log.error("task %s: %s", self.request.id, error)
+    _record_unreadable(self, len(maps), unreadable, results)
     return {
         "maps": len(maps),
         "done": done,
@@ -168,19 +159,32 @@ def _failed_unexpectedly(
         exc_info=error,
     )  # fmt: skip
     failed = 0
+    unreadable: list[str] = []
     for payload in maps:
         try:
             message = decode_map(
                 payload, max_pixels=settings.max_pixels, max_message_bytes=settings.max_message_bytes
             )
-        except MapDecodeError:
-            continue  # unreadable, and so failed already, under the task's id
+        except MapDecodeError as exc:
+            unreadable.append(str(exc))
+            continue
         rid = result_id(message.run_id, message.image_id, message.name)
         if rid not in results.recorded:
             results.failed(rid, error)
             failed += 1
+    if str(task.request.id) not in results.recorded:
+        _record_unreadable(task, len(maps), unreadable, results)
     results.flush()
-    return {"maps": len(maps), "done": 0, "failed": failed, "retried": 0, "postponed": 0}
+    return {"maps": len(maps), "done": 0, "failed": failed + len(unreadable), "retried": 0, "postponed": 0}
+
+
+def _record_unreadable(task: Task[Any, Any], count: int, unreadable: list[str], results: ResultStore) -> None:
+    """Map messages too broken to say whose they are: one failure under the task's own id, and a log line."""
+    if not unreadable:
+        return
+    error = WireFormatError(f"{len(unreadable)} of {count} map messages unreadable; first: {unreadable[0]}")
+    results.failed(str(task.request.id), error)
+    log.error("task %s: %s", task.request.id, error)
 
 
 def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry], results: ResultStore) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from producer.celery_config import TASK_NAME
 from tests.integration.conftest import Stack
+from tests.integration.test_pipeline_s3 import raw_map
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
 
@@ -55,12 +56,21 @@ def test_maps_whose_task_fails_unexpectedly_are_retried_then_each_fails_with_tha
     )
     stack.start_worker()
     try:
-        # When three maps come in one message
+        # When three maps come in one message, and another message holds an unreadable one
         with stack.producer() as producer:
             pending = producer.submit_many((f"img/{i}", np.zeros((4, 4), np.float32)) for i in range(3))
             results = producer.collect(pending, timeout=60)
+            task = producer._app.send_task(
+                TASK_NAME, args=[[b"\xc1not msgpack", raw_map(producer.run_id, "x")]]
+            )
+            meta = next(producer._app.backend.get_many([task.id], timeout=60, interval=0.1))[1]
+            unreadable_neighbour = producer.collect(["x"], timeout=60)[0]
     finally:
         stack.stop()
+    # (the unreadable one is recorded under its task's id, as always, and its neighbour fails alone)
+    assert meta["status"] == "FAILURE"
+    assert "1 of 2 map messages unreadable" in str(meta["result"])
+    assert unreadable_neighbour.error is not None and unreadable_neighbour.error.type == "ValueError"
     # Then the message was tried again, then each map failed with the error, which collect reads
     logs = stack.worker_logs()
     assert "failed unexpectedly; its 3 map(s) again in" in logs
