@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,9 @@ from worker.render import png_from_scanlines, render_png
 from worker.storage import StorageLocation
 
 log = logging.getLogger("actmap.worker")
+
+# How long PUTs under way may keep process_batch waiting before it calls ``while_waiting``.
+WAITING_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -93,17 +96,24 @@ class Pipeline:
         """One map, start to end."""
         return next(iter(self.process_batch([payload])))
 
-    def process_batch(self, payloads: Iterable[bytes], deadline: float | None = None) -> Iterator[Outcome]:
+    def process_batch(
+        self,
+        payloads: Iterable[bytes],
+        deadline: float | None = None,
+        while_waiting: Callable[[], object] | None = None,
+    ) -> Iterator[Outcome]:
         """Each map's outcome, as soon as it is known (not in the order given).
 
         No map is started after ``deadline`` (``time.monotonic()``): those come back Postponed.
+        ``while_waiting`` is called when PUTs under way keep it waiting over ``WAITING_S``
+        (the task sends the results it holds meanwhile, rather than after the slow PUT).
         """
         pending: set[Future[Outcome]] = set()
         for payload in payloads:
             # At most upload_threads PUTs under way: a map is started only when one can begin
             # its PUT, so the deadline bounds the PUTs too, not just the renders.
             while len(pending) >= self._upload_threads:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, pending = _wait_for_one(pending, while_waiting)
                 yield from (future.result() for future in finished)
             if deadline is not None and time.monotonic() > deadline:
                 yield Postponed(payload)
@@ -115,7 +125,9 @@ class Pipeline:
                 yield self._store(rendered)
             else:
                 pending.add(self._uploads.submit(self._store, rendered))
-        yield from (future.result() for future in as_completed(pending))
+        while pending:
+            finished, pending = _wait_for_one(pending, while_waiting)
+            yield from (future.result() for future in finished)
 
     def _render(self, payload: bytes) -> _Rendered | Failed:
         started = time.perf_counter()
@@ -193,3 +205,16 @@ class Pipeline:
             # A bug must cost one map, not the batch or the worker.
             log.error("map %r failed unexpectedly", image_id, exc_info=exc, extra=fields)
         return Failed(rid, exc)
+
+
+def _wait_for_one(
+    pending: set[Future[Outcome]], while_waiting: Callable[[], object] | None
+) -> tuple[set[Future[Outcome]], set[Future[Outcome]]]:
+    """(finished, still pending) once at least one of ``pending`` is done."""
+    finished, still = wait(
+        pending, timeout=None if while_waiting is None else WAITING_S, return_when=FIRST_COMPLETED
+    )
+    if not finished and while_waiting is not None:
+        while_waiting()
+        finished, still = wait(still, return_when=FIRST_COMPLETED)
+    return finished, still

@@ -103,7 +103,8 @@ def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -
     deadline = time.monotonic() + settings.task_budget_s(retried=self.request.eta is not None)
     metrics.IN_FLIGHT.inc(len(maps))
     try:
-        for outcome in pipeline().process_batch(maps, deadline):
+        # A slow PUT does not hold back the results of the maps done meanwhile.
+        for outcome in pipeline().process_batch(maps, deadline, while_waiting=results.flush):
             metrics.IN_FLIGHT.dec()
             started = time.perf_counter()
             if isinstance(outcome, Done):

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 
 from producer import CollectTimeoutError, MapResult
-from producer.keys import object_key
+from producer.keys import object_key, result_id
 from tests.integration.conftest import Stack
 from tests.reliability.test_worker_death import Report
 from tests.support.fault_proxy import FaultProxy, ProxyStats
+from tests.support.ports import poll_until
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedS3
 from worker.render import render_png
@@ -405,3 +406,34 @@ def test_a_batch_slowed_by_s3_throttling_is_processed_once_not_again_by_a_second
     assert figures.failed == len(maps) and figures.lost == 0 and figures.corrupted == 0
     # Then each map was tried once (no Celery retries allowed): at most `attempts` PUTs each
     assert stats.by_method["PUT"] <= len(maps) * attempts
+
+
+def test_a_result_is_not_held_back_by_a_slow_put_of_the_same_message(
+    redis: RedisServer, s3_server: SeaweedS3, tmp_path: Path
+) -> None:
+    # Given a worker whose first S3 PUT hangs for two minutes (its read timeout is longer)
+    proxy = start_proxy(s3_server, fault_rate=1.0, kinds=["stall"], stall_s=120, max_stalls=1)
+    with (
+        fault_stack(
+            redis,
+            s3_server,
+            tmp_path,
+            8,
+            proxy,
+            s3_read_timeout_s="150",
+            storage_max_attempts="1",
+            visibility_timeout_s="1000",
+        ) as faults,
+        faults.stack.producer(run_id="slow-put") as producer,
+    ):
+        # When two maps come in one message: one PUT hangs, the other is done at once
+        rng = np.random.default_rng(8)
+        producer.submit_many([("a", smooth_map(rng)), ("b", smooth_map(rng))])
+        producer.flush(30)
+        backend = producer._app.backend
+        keys = {i: backend.get_key_for_task(result_id("slow-put", i)) for i in ("a", "b")}
+        # Then the result of the one done is in Redis while the other PUT still hangs
+        poll_until(lambda: backend.client.exists(*keys.values()) > 0, 60, "the first result")
+        assert backend.client.exists(*keys.values()) == 1
+        assert proxy.stats().faults["stall"] == 1
+        faults.stack.workers[0].kill()  # not a warm stop: it would wait for the hanging PUT
