@@ -34,22 +34,29 @@ def closed_error() -> BrokerError:
 
 def buffer_full_error(capacity: int, timeout_s: float, cause: object) -> BrokerError:
     return BrokerError(
-        f"publish buffer full ({capacity} maps unsent for {timeout_s:g} s); "
-        f"the broker is not taking messages: {cause}"
+        f"publish buffer full ({capacity} maps unsent for {timeout_s:g} s); {_why_unsent(cause)}"
     )
 
 
 def unsent_error(unsent: int, timeout_s: float | None, kept_by: str, cause: object) -> BrokerError:
-    why = "publishing them takes longer" if cause is None else f"the broker is not taking messages: {cause}"
     return BrokerError(
-        f"{unsent} map(s) still unsent after {timeout_s:g} s (kept {kept_by}, still publishing): {why}"
+        f"{unsent} map(s) still unsent after {timeout_s:g} s (kept {kept_by}, still publishing): "
+        f"{_why_unsent(cause)}"
     )
 
 
 def discarded_error(unsent: int, timeout_s: float | None, cause: object) -> BrokerError:
     """What close says of the maps it could not publish in time: closing gives them up."""
-    why = "publishing them took longer" if cause is None else f"the broker is not taking messages: {cause}"
-    return BrokerError(f"{unsent} map(s) still unsent after {timeout_s:g} s, discarded by close: {why}")
+    return BrokerError(
+        f"{unsent} map(s) still unsent after {timeout_s:g} s, discarded by close: {_why_unsent(cause)}"
+    )
+
+
+def _why_unsent(cause: object) -> str:
+    """The last publish error, or, with none, a broker that takes maps slower than they come."""
+    if cause is None:
+        return "publishing is slower than maps are submitted"
+    return f"the broker is not taking messages: {cause}"
 
 
 class BackgroundPublisher(Generic[Item]):
