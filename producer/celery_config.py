@@ -113,6 +113,12 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": settings.restore_interval_s,
         "unacked_restore_throttle": 1,
+        # Each sweep takes a lock in Redis for its few milliseconds. kombu lets it expire after five
+        # minutes: a worker killed or cut off inside its sweep stopped every other worker's sweeps,
+        # and so the redelivery of its own maps, for that long. Two intervals: a sweep slower than
+        # that only overlaps the next one, and a message is still restored once (kombu restores it
+        # in a transaction that watches the unacknowledged set).
+        "unacked_mutex_expire": 2 * settings.restore_interval_s,
         "health_check_interval": 10,
         "socket_connect_timeout": min(settings.publish_timeout_s, 5.0),
         "socket_timeout": max(settings.publish_timeout_s, 30.0),

@@ -55,7 +55,7 @@ def test_a_ctrl_c_during_submit_hands_each_map_over_whole_or_not_at_all_and_the_
         threading.Thread(target=ctrl_c, daemon=True).start()
         returned, interrupted = [], []
         i = 0
-        while i < 300 and (len(returned) < 20 or len(interrupted) < 20):
+        while i < 3000 and (len(returned) < 20 or len(interrupted) < 20):
             image_id = f"img/{{i:04d}}"
             i += 1
             try:

@@ -57,6 +57,7 @@ FAST_REDELIVERY = {
     "ACTMAP_RETRY_BACKOFF_MAX_S": "3",  # the settings require visibility > backoff + longest write + 5 s
 }
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivery tag -> message, until acknowledged
+SWEEP_LOCK_KEY = "unacked_mutex"  # kombu's Redis transport: held by the worker sweeping for them
 STORED_LINE = re.compile(r"map '([^']+)' stored at ")
 
 
@@ -169,6 +170,19 @@ def in_flight(broker: redis.Redis) -> dict[str, tuple[str, list[str]]]:
             [result_id(m.run_id, m.image_id, m.name) for m in maps],
         )
     return held
+
+
+def sweep_lock_expiry_ms(server: RedisServer, timeout_s: float = 10.0) -> int:
+    """How long the running workers' sweeps for unacknowledged maps set their lock in Redis for.
+
+    Read from the workers' own command (``SET unacked_mutex <token> NX PX <ms>``), seen by MONITOR."""
+    deadline = time.monotonic() + timeout_s
+    with server.client(0) as client, client.monitor() as monitor:
+        while time.monotonic() < deadline:
+            words = monitor.next_command()["command"].split()
+            if words[:2] == ["SET", SWEEP_LOCK_KEY] and "PX" in words:
+                return int(words[words.index("PX") + 1])
+    raise AssertionError(f"no worker swept for unacknowledged maps within {timeout_s} s")
 
 
 def queued(broker: redis.Redis) -> int:
@@ -468,12 +482,16 @@ def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_an
     # Given three workers, and redelivery tuned for a test: visibility 10 s, a sweep every second
     stack = make_stack(private_redis, tmp_path, **FAST_REDELIVERY)
     kill_points = (250, 550)
+    lock_ms: list[int] = []
 
     def kill_workers(watch: ResultWatch, broker: redis.Redis) -> list[Kill]:
         kills = []
         survivors = list(stack.workers)
         for point in kill_points:
             watch.wait_for(point)
+            first = not kills
+            if first:
+                lock_ms.append(sweep_lock_expiry_ms(private_redis))
             # A worker that holds a task, if one shows up within a second (the queue may run dry).
             deadline = time.monotonic() + 1.0
             while not any(busy(w) for w in survivors) and time.monotonic() < deadline:
@@ -482,6 +500,9 @@ def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_an
             survivors.remove(worker)
             worker.kill()  # main process and pool, SIGKILL; no replacement is started
             killed_at = time.monotonic()
+            if first:
+                # killed in the middle of its sweep: its lock stays as it set it, the others' sweeps wait
+                broker.set(SWEEP_LOCK_KEY, f"{worker.name} (killed)", px=lock_ms[0])
             # What it held: unacknowledged, received by it and never finished by it.
             log = worker.log()
             held_tasks = task_ids("received", log) - task_ids("succeeded", log)
@@ -492,7 +513,9 @@ def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_an
         return kills
 
     try:
-        # When one worker, then a second one, is SIGKILLed (main process and pool) during the run
+        # When one worker, then a second one, is SIGKILLed (main process and pool) during the run, the
+        # first one while it holds the lock of the sweep for unacknowledged maps (kombu's default expiry,
+        # five minutes, would hold back the redelivery of its maps that long)
         results, kills, watch, elapsed = run_with_kills(
             stack, private_redis, "worker", kill_workers, collect_timeout_s=45
         )
@@ -507,11 +530,12 @@ def test_sigkilled_whole_workers_have_their_maps_redelivered_to_the_survivors_an
             f"\n{kill.target} killed holding {len(kill.held)} message(s), {len(kill.unfinished)} map(s) "
             f"without a result; all had their result {recovery} s after the kill"
         )
+    print(f"the first killed holding the sweep's lock, which expires after {lock_ms[0]} ms")
     print(f"duplicate executions: {duplicates}; stray files: {outcome.stray_files}")
     print(f"maps without a success result: {[p.split(':')[0] for p in outcome.problems]}")
     report_outcome(
         report,
-        "SIGKILL whole worker x2 (of 3, no replacement)",
+        "SIGKILL whole worker x2 (of 3, no replacement; the first holding the redelivery sweep's lock)",
         outcome,
         maps=MAPS,
         faults=len(kills),
