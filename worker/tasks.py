@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import time
+from datetime import datetime
 from typing import Any
 
 from celery import Task
@@ -99,8 +100,7 @@ def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -
     unreadable: list[str] = []
     retry: list[Retry] = []
     postponed: list[bytes] = []
-    # Acknowledged before the broker's visibility timeout, or it hands these maps to another worker.
-    deadline = time.monotonic() + settings.task_budget_s(retried=self.request.eta is not None)
+    deadline = _deadline(self.request.eta)
     metrics.IN_FLIGHT.inc(len(maps))
     try:
         # A slow PUT does not hold back the results of the maps done meanwhile.
@@ -140,6 +140,22 @@ def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -
         "retried": len(retry),
         "postponed": len(postponed),
     }
+
+
+def _deadline(eta: object) -> float:
+    """When a message must stop starting maps (``time.monotonic()``): it is to be acknowledged before
+    the broker's visibility timeout hands its maps to another worker.
+
+    A retry is delivered when it is sent, its countdown before its ETA, and waits unacknowledged until
+    it starts; past its ETA too, while every pool process of the worker is busy. Its budget allows
+    for the longest countdown and counts from its ETA: the time it started late is taken off (all of
+    it, when it comes that late: its maps go on at once in a new message)."""
+    if isinstance(eta, str):  # as Celery's message protocol carries it: ISO 8601
+        eta = datetime.fromisoformat(eta)
+    if not isinstance(eta, datetime):
+        return time.monotonic() + settings.task_budget_s(retried=False)
+    late_s = max(0.0, time.time() - eta.timestamp())  # a naive ETA is local time, as Celery reads it
+    return time.monotonic() + settings.task_budget_s(retried=True) - late_s
 
 
 def _failed_unexpectedly(

@@ -3,6 +3,10 @@ map, for anything unexpected, after retries. Never a message dropped without a r
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +95,59 @@ def test_a_task_whose_argument_is_not_a_list_of_maps_is_recorded_under_its_id(lo
         assert producer.collect([after], timeout=60)[0].ok
     assert meta["status"] == "FAILURE"
     assert "task argument must be a list of map messages, received str" in str(meta["result"])
+
+
+def test_a_retry_that_starts_late_sends_its_maps_on_at_once_rather_than_outlast_the_visibility_timeout(
+    module_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Given a worker of one pool process whose storage refuses every connection (a PUT fails at
+    # once and its maps are retried once), and a visibility timeout of 8 s: a retry, held
+    # unacknowledged from when it is sent, may start maps for 1 s after its ETA (8 s less the
+    # longest countdown, 1 s, the longest PUT, 1 s, and the 5 s margin)
+    module_redis.client(2).flushdb()
+    stack = Stack(
+        env={
+            "ACTMAP_HOME": str(tmp_path / "home"),
+            "ACTMAP_BROKER_URL": module_redis.url(2),
+            "ACTMAP_RESULT_BACKEND": module_redis.url(3),
+            "ACTMAP_STORAGE_URL": "s3://bucket/maps",
+            "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
+            "ACTMAP_STORAGE_MAX_ATTEMPTS": "1",
+            "ACTMAP_S3_CONNECT_TIMEOUT_S": "0.5",
+            "ACTMAP_S3_READ_TIMEOUT_S": "0.5",
+            "ACTMAP_TASK_MAX_RETRIES": "1",
+            "ACTMAP_RETRY_BACKOFF_MAX_S": "1",
+            "ACTMAP_VISIBILITY_TIMEOUT_S": "8",
+            "AWS_ACCESS_KEY_ID": "actmap-test",
+            "AWS_SECRET_ACCESS_KEY": "actmap-test-secret",
+        },
+        log_dir=tmp_path,
+    )
+    worker = stack.start_worker(concurrency=1)
+    try:
+        with stack.producer() as producer:
+            pending = producer.submit_many((f"late/{i}", np.zeros((4, 4), np.float32)) for i in range(2))
+            # When the retry has reached the worker (its ETA 1 s away), the pool process is held
+            # (SIGSTOP: as busy with other maps) until 4 s later
+            deadline = time.monotonic() + 30
+            while not re.search(
+                rf"retrying 2 map\(s\).*Task {re.escape(TASK_NAME)}\[.*\] received", worker.log(), re.S
+            ):
+                assert time.monotonic() < deadline, worker.log()[-3000:]
+                time.sleep(0.02)
+            (pool,) = worker.pool_pids()
+            os.kill(pool, signal.SIGSTOP)
+            time.sleep(4)
+            os.kill(pool, signal.SIGCONT)
+            results = producer.collect(pending, timeout=60)
+    finally:
+        stack.stop()
+    # Then the retry, ~3 s past its ETA, started no map: it sent both on in a new message at once
+    logs = stack.worker_logs()
+    assert "out of time for this message: 2 map(s) sent on in a new one" in logs
+    # and that message tried them (the last try), and each map failed naming the cause
+    assert [r.ok for r in results] == [False, False]
+    for result in results:
+        assert result.error is not None
+        assert result.error.type == "StorageError"
+        assert "gave up after 1 retries" in result.error.message

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -128,6 +128,11 @@ class Audit:
     lost: int = 0  # no result at all, or a success whose object is missing
     corrupted: int = 0  # an object with other bytes, or a success whose checksum/ETag does not match
     stray: int = 0  # objects under no expected key
+    why: list[str] = field(default_factory=list)  # what was wrong with each corrupted one
+
+    def __str__(self) -> str:
+        counts = f"ok={self.ok} failed={self.failed} lost={self.lost} corrupted={self.corrupted}"
+        return "; ".join([f"{counts} stray={self.stray}", *self.why[:8]])
 
 
 def report_audit(report: Report, scenario: str, figures: Audit, *, objects: int, **row: Any) -> None:
@@ -206,8 +211,19 @@ def audit(
                 and etag == md5(body)
             )
             figures.corrupted += not right
+            if not right:
+                figures.why.append(
+                    f"{image_id}: result {result.locator} {result.bytes} B {result.checksum}, "
+                    f"PNG {len(png)} B md5:{md5(png)}, object {len(body)} B md5:{md5(body)} ETag {etag}"
+                )
     keys = {object_key(PREFIX, image_id): png for image_id, png in expected.items()}
-    figures.corrupted += sum(body != keys[key] for key, (body, _) in objects.items() if key in keys)
+    for key, (body, _) in objects.items():
+        if key in keys and body != keys[key]:
+            figures.corrupted += 1
+            differ = sum(a != b for a, b in zip(body, keys[key], strict=False))
+            figures.why.append(
+                f"{key}: {len(body)} B stored, {len(keys[key])} B expected, {differ} bytes differ"
+            )
     figures.stray = sum(key not in keys for key in objects)
     return figures
 
@@ -242,7 +258,7 @@ def test_with_30_percent_of_s3_requests_faulted_every_map_is_stored_once_byte_fo
         f"server's answers to bit flips {dict(stats.bitflip_answers)}, {elapsed:.1f} s"
     )
     # Then every map has exactly one object, with the right bytes, and one success result
-    assert figures.lost == 0 and figures.corrupted == 0
+    assert figures.lost == 0 and figures.corrupted == 0, str(figures)
     assert figures.ok == len(maps), [r.error for r in results if not r.ok][:3]
     assert sorted(objects) == sorted(object_key(PREFIX, image_id) for image_id in maps)
     # and the faults did happen, of every kind, and took retries of both layers to overcome
@@ -295,7 +311,7 @@ def test_with_every_s3_request_faulted_each_map_fails_naming_the_cause_and_the_w
         f"({dict(stats.faults)}); {len(objects)} objects stored by requests whose answer was reset "
         f"(right bytes, failed results); recovery {recovery:.1f} s; first error: {results[0].error}"
     )
-    assert figures.lost == 0 and figures.corrupted == 0 and figures.stray == 0
+    assert figures.lost == 0 and figures.corrupted == 0 and figures.stray == 0, str(figures)
     assert figures.failed == len(maps)
     for result in results:
         assert result.error is not None and result.error.type == "StorageError"
@@ -362,7 +378,9 @@ def test_a_bit_flipped_upload_is_refused_with_bad_digest_and_never_stored_and_a_
     for result in results:
         assert result.error is not None and "BadDigest" in result.error.message, result.error
     # And the clean uploads are right: checksum == ETag == MD5 of the stored bytes == MD5 of the PNG
-    assert clean_figures.ok == len(maps) and clean_figures.corrupted == 0 and clean_figures.stray == 0
+    assert clean_figures.ok == len(maps) and clean_figures.corrupted == 0 and clean_figures.stray == 0, str(
+        clean_figures
+    )
     for image_id, result in zip(maps, clean, strict=True):
         body, etag = clean_objects[object_key(PREFIX, image_id)]
         assert body == expected[image_id]
@@ -403,7 +421,7 @@ def test_a_batch_slowed_by_s3_throttling_is_processed_once_not_again_by_a_second
         f"\nbatch slower than the visibility timeout: {stats.by_method['PUT']} PUTs for {len(maps)} maps "
         f"(at most {len(maps) * attempts} expected: task_max_retries=0), {elapsed:.1f} s"
     )
-    assert figures.failed == len(maps) and figures.lost == 0 and figures.corrupted == 0
+    assert figures.failed == len(maps) and figures.lost == 0 and figures.corrupted == 0, str(figures)
     # Then each map was tried once (no Celery retries allowed): at most `attempts` PUTs each
     assert stats.by_method["PUT"] <= len(maps) * attempts
 
