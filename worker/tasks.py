@@ -146,8 +146,8 @@ def _deadline(eta: object) -> float:
     """When a message must stop starting maps (``time.monotonic()``): it is to be acknowledged before
     the broker's visibility timeout hands its maps to another worker.
 
-    A retry is delivered when it is sent, its countdown before its ETA, and waits unacknowledged until
-    it starts; past its ETA too, while every pool process of the worker is busy. Its budget allows
+    On Redis a retry is delivered when it is sent, its countdown before its ETA, and waits
+    unacknowledged until it starts; past its ETA too, while every pool process is busy. Its budget allows
     for the longest countdown and counts from its ETA: the time it started late is taken off (all of
     it, when it comes that late: its maps go on at once in a new message)."""
     if isinstance(eta, str):  # as Celery's message protocol carries it: ISO 8601
