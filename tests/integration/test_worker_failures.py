@@ -19,6 +19,25 @@ from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
 
 
+def unreachable_s3_stack(module_redis: RedisServer, tmp_path: Path, **env: str) -> Stack:
+    """Maps to S3 at a port nothing listens on (every PUT fails), retried once after 1 s; broker and
+    results in Redis dbs 2 and 3, emptied first. ``env`` adds to or overrides that."""
+    module_redis.client(2).flushdb()
+    return Stack(
+        env={
+            "ACTMAP_HOME": str(tmp_path / "home"),
+            "ACTMAP_BROKER_URL": module_redis.url(2),
+            "ACTMAP_RESULT_BACKEND": module_redis.url(3),
+            "ACTMAP_STORAGE_URL": "s3://bucket/maps",
+            "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
+            "ACTMAP_TASK_MAX_RETRIES": "1",
+            "ACTMAP_RETRY_BACKOFF_MAX_S": "1",
+            **env,
+        },
+        log_dir=tmp_path,
+    )
+
+
 def test_a_worker_given_a_storage_url_that_cannot_work_refuses_to_start_saying_why(
     module_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -41,22 +60,13 @@ def test_maps_whose_task_fails_unexpectedly_are_retried_then_each_fails_with_tha
 ) -> None:
     # Given a worker whose storage cannot be opened once maps come: obstore's client, and no
     # AWS credentials anywhere (an instance role not there yet, say)
-    module_redis.client(2).flushdb()
-    stack = Stack(
-        env={
-            "ACTMAP_HOME": str(tmp_path / "home"),
-            "ACTMAP_BROKER_URL": module_redis.url(2),
-            "ACTMAP_RESULT_BACKEND": module_redis.url(3),
-            "ACTMAP_STORAGE_URL": "s3://bucket/maps",
-            "ACTMAP_S3_CLIENT": "obstore",
-            "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
-            "ACTMAP_TASK_MAX_RETRIES": "1",
-            "ACTMAP_RETRY_BACKOFF_MAX_S": "1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_CONFIG_FILE": "/nonexistent",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        },
-        log_dir=tmp_path,
+    stack = unreachable_s3_stack(
+        module_redis,
+        tmp_path,
+        ACTMAP_S3_CLIENT="obstore",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE="/nonexistent",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
     )
     stack.start_worker()
     try:
@@ -104,24 +114,15 @@ def test_a_retry_that_starts_late_sends_its_maps_on_at_once_rather_than_outlast_
     # once and its maps are retried once), and a visibility timeout of 8 s: a retry, held
     # unacknowledged from when it is sent, may start maps for 1 s after its ETA (8 s less the
     # longest countdown, 1 s, the longest PUT, 1 s, and the 5 s margin)
-    module_redis.client(2).flushdb()
-    stack = Stack(
-        env={
-            "ACTMAP_HOME": str(tmp_path / "home"),
-            "ACTMAP_BROKER_URL": module_redis.url(2),
-            "ACTMAP_RESULT_BACKEND": module_redis.url(3),
-            "ACTMAP_STORAGE_URL": "s3://bucket/maps",
-            "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
-            "ACTMAP_STORAGE_MAX_ATTEMPTS": "1",
-            "ACTMAP_S3_CONNECT_TIMEOUT_S": "0.5",
-            "ACTMAP_S3_READ_TIMEOUT_S": "0.5",
-            "ACTMAP_TASK_MAX_RETRIES": "1",
-            "ACTMAP_RETRY_BACKOFF_MAX_S": "1",
-            "ACTMAP_VISIBILITY_TIMEOUT_S": "8",
-            "AWS_ACCESS_KEY_ID": "actmap-test",
-            "AWS_SECRET_ACCESS_KEY": "actmap-test-secret",
-        },
-        log_dir=tmp_path,
+    stack = unreachable_s3_stack(
+        module_redis,
+        tmp_path,
+        ACTMAP_STORAGE_MAX_ATTEMPTS="1",
+        ACTMAP_S3_CONNECT_TIMEOUT_S="0.5",
+        ACTMAP_S3_READ_TIMEOUT_S="0.5",
+        ACTMAP_VISIBILITY_TIMEOUT_S="8",
+        AWS_ACCESS_KEY_ID="actmap-test",
+        AWS_SECRET_ACCESS_KEY="actmap-test-secret",
     )
     worker = stack.start_worker(concurrency=1)
     try:
