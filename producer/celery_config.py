@@ -75,16 +75,11 @@ def _uses_amqp_broker(settings: Settings) -> bool:
 
 
 def _amqp_config() -> dict[str, Any]:
-    """RabbitMQ: a replicated, durable queue and publishes the broker has confirmed.
+    """RabbitMQ: a replicated, durable quorum queue, and publishes the broker has confirmed.
 
-    A quorum queue keeps its messages on disk (on every replica of a cluster) and gives a dead
-    consumer's unacknowledged messages back at once. It has no global QoS: Celery detects the
-    quorum queue (worker_detect_quorum_queues) and sets the prefetch of 1 per consumer instead.
-    Countdown retries go through Celery's native delayed delivery (celery_delayed_* exchanges
-    and quorum queues, declared by each worker), which needs a topic exchange, not the direct
-    one Celery would make: with a direct exchange a retry would sit in a worker, unacknowledged,
-    until its countdown. Both only apply to a queue declared so: an existing classic "actmap"
-    queue or direct "actmap" exchange must be deleted (or another ACTMAP_QUEUE chosen).
+    A quorum queue gives a dead consumer's messages back at once; it has no global QoS, so Celery
+    sets the prefetch per consumer. Countdown retries go through Celery's native delayed delivery,
+    which needs a topic exchange (docs/operating.md: an existing classic queue must be deleted).
     """
     return {
         "task_default_queue_type": "quorum",
@@ -108,16 +103,14 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         }
     return {
         # A worker killed outright leaves its maps unacknowledged: they come back after the
-        # visibility timeout, found by a sweep every restore interval (kombu's defaults, one
-        # hour and ~100 s, would leave them stranded for an hour).
+        # visibility timeout, found by a sweep every restore interval (kombu's default: an hour).
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": settings.restore_interval_s,
         "unacked_restore_throttle": 1,
-        # Each sweep takes a lock in Redis for its few milliseconds. kombu lets it expire after five
-        # minutes: a worker killed or cut off inside its sweep stopped every other worker's sweeps,
-        # and so the redelivery of its own maps, for that long. Two intervals: a sweep slower than
-        # that only overlaps the next one, and a message is still restored once (kombu restores it
-        # in a transaction that watches the unacknowledged set).
+        # Each sweep holds a lock in Redis; a worker killed inside its sweep would hold back every
+        # worker's sweeps until the lock expires (kombu's default: five minutes). Two intervals
+        # are safe: a slower sweep only overlaps the next, and kombu restores each message once,
+        # in a transaction that watches the unacknowledged set.
         "unacked_mutex_expire": 2 * settings.restore_interval_s,
         "health_check_interval": 10,
         "socket_connect_timeout": min(settings.publish_timeout_s, 5.0),

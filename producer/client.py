@@ -1,11 +1,10 @@
 """The producer: submit activation maps from the GPU loop, collect their results later.
 
-``submit`` validates and quantizes the map; a background publisher — a thread
-(producer.publisher) or a process of its own (producer.publisher_process) — packs and
-publishes the maps in batches (producer.sender), so the loop does not wait on the broker.
-Rendering, encoding and uploading happen on the workers. ``collect`` reads the results of
-many maps per round trip from the result backend, keyed by run id, image id and map name,
-so any process that knows the run id can collect them.
+``submit`` validates and quantizes the map; a background thread packs and publishes the maps
+in batches (producer.publisher), so the loop does not wait on the broker. Rendering, encoding
+and uploading happen on the workers. ``collect`` reads the results of many maps per round trip
+from the result backend, keyed by run id, image id and map name, so any process that knows
+the run id can collect them.
 """
 
 from __future__ import annotations
@@ -20,21 +19,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from celery import states
 from tqdm import tqdm
 
 from producer.celery_config import make_celery
 from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
-from producer.intensity import host_array, to_intensities
+from producer.intensity import to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
-from producer.publisher import BackgroundPublisher
-from producer.publisher_process import ProcessPublisher
-from producer.redelivery import LostMapRedelivery
+from producer.publisher import BackgroundPublisher, BrokerSender
+from producer.redelivery import Redelivery, RedisBrokerIdleCheck
 from producer.result_poller import poll_results
 from producer.results import MapResult
-from producer.sender import MapSender, Outgoing
 from producer.settings import Settings
-from producer.wire import MapMessage, validate_colormap
+from producer.wire import MapMessage, encode_map, validate_colormap
 
 log = logging.getLogger("actmap.producer")
 
@@ -77,30 +76,28 @@ class Producer:
         if not _RUN_ID.fullmatch(self.run_id):
             raise ValueError(f"run id {self.run_id!r} is not valid; expected 1-128 of A-Z a-z 0-9 . _ -")
         self._app = make_celery(self.settings, "actmap-producer")
-        in_process = self.settings.background_publish and self.settings.background_publisher == "process"
-        # Packs and publishes here, unless a publisher process does; also tells whether the broker is idle.
-        self._sender = MapSender(self.settings, self._app, resend=None if in_process else self._send)
-        # Maps packed are kept for a resend where they are packed: here, or in the publisher process.
-        resend = None if self._sender.kept is None else self._sender.kept.resend
-        self._publisher: BackgroundPublisher[Outgoing] | ProcessPublisher | None = None
-        if in_process:
-            self._publisher = ProcessPublisher(self.settings)
-            resend = self._publisher.resend
-        elif self.settings.background_publish:
-            self._publisher = BackgroundPublisher(
+        self._sender = BrokerSender(self.settings, self._app)
+        self._idle_check: RedisBrokerIdleCheck | None = None
+        self._redelivery: Redelivery | None = None
+        if self.settings.redeliver_buffer_mb > 0 and self.settings.uses_redis_broker():
+            self._idle_check = RedisBrokerIdleCheck(self.settings.effective_broker_url, self.settings.queue)
+            self._redelivery = Redelivery(
                 self._sender.send,
+                self._idle_check,
+                max_bytes=self.settings.redeliver_buffer_mb << 20,
+                batch_size=self.settings.batch_size,
+                check_every_s=self.settings.restore_interval_s,
+            )
+        self._publisher: BackgroundPublisher[MapMessage] | None = None
+        if self.settings.background_publish:
+            self._publisher = BackgroundPublisher(
+                self._publish,
                 capacity=self.settings.publish_buffer_maps,
                 batch_size=self.settings.batch_size,
                 linger_s=self.settings.publish_linger_s,
             )
-        if self._publisher is not None:
             # A script that never calls close() still gets its maps published on exit.
             atexit.register(self._close_at_exit)
-        self._redelivery: LostMapRedelivery | None = None
-        if resend is not None and self.settings.redeliver_lost and self.settings.uses_redis_broker():
-            self._redelivery = LostMapRedelivery(
-                resend, self._sender.broker_is_idle, check_every_s=self.settings.restore_interval_s
-            )
         self._closed = False
 
     # -- submitting -------------------------------------------------------------------
@@ -134,7 +131,7 @@ class Producer:
         none after it.
         """
         handles: list[PendingMap] = []
-        batch: list[Outgoing] = []
+        batch: list[MapMessage] = []
         with tqdm(desc="submit", unit="map", disable=not progress) as bar:
             for index, item in enumerate(maps):
                 try:
@@ -161,12 +158,22 @@ class Producer:
                 bar.update(len(batch))
         return handles
 
-    def _send(self, outgoing: Sequence[Outgoing]) -> None:
+    def _send(self, messages: Sequence[MapMessage]) -> None:
         if self._publisher is None:
-            self._sender.send(outgoing)
+            self._publish(messages)
             return
-        for item in outgoing:
-            self._publisher.put(item, timeout_s=self.settings.publish_timeout_s)
+        for message in messages:
+            self._publisher.put(message, timeout_s=self.settings.publish_timeout_s)
+
+    def _publish(self, messages: Sequence[MapMessage]) -> None:
+        """Pack and publish maps in one message: in the publisher's thread, or the caller's."""
+        self._sender.send([self._pack(message) for message in messages])
+
+    def _pack(self, message: MapMessage) -> bytes:
+        payload = encode_map(message, level=self.settings.png_compress_level)
+        if self._redelivery is not None:
+            self._redelivery.keep(result_id(message.run_id, message.image_id, message.name), payload)
+        return payload
 
     def _prepare(
         self, image_id: str, activation_map: Any, name: str | None, colormap: str, fade: bool
@@ -178,30 +185,20 @@ class Producer:
         if not isinstance(fade, bool):
             raise InvalidMapError(f"fade_low_activation must be a bool, received {type(fade).__name__}")
         intensities = to_intensities(activation_map, max_pixels=self.settings.max_pixels)
-        # Quantized, a float map gives the very same PNG (the colormap quantizes exactly so)
-        # in a quarter of the bytes; unquantized, the worker does the same rint(x * 255).
-        array = intensities if self.settings.quantize else host_array(activation_map)
-        ids = len(self.run_id) + len(image_id.encode()) + len((name or "").encode())
-        if array.nbytes + ids + MESSAGE_FIELDS_BYTES > self.settings.max_message_bytes:
+        largest = _largest_message_bytes(intensities, self.run_id, image_id, name)
+        if largest > self.settings.max_message_bytes:
             # Refused here: a worker could only refuse the message unread, unable to say whose map it was.
             raise InvalidMapError(
-                f"map {image_id!r} is {array.nbytes} bytes as sent ({array.dtype}); a map message holds at "
-                f"most {self.settings.max_message_bytes} (ACTMAP_MAX_MESSAGE_BYTES, the workers' too)"
-                + (
-                    ""
-                    if self.settings.quantize
-                    else "; quantizing (ACTMAP_QUANTIZE=true) makes it 1 byte a pixel"
-                )
+                f"map {image_id!r} ({intensities.shape[0]} x {intensities.shape[1]}) can make a map message "
+                f"of up to {largest} bytes; a map message holds at most "
+                f"{self.settings.max_message_bytes} (ACTMAP_MAX_MESSAGE_BYTES, the workers' too)"
             )
-        if isinstance(self._publisher, BackgroundPublisher) and (
-            array is activation_map or not array.flags.owndata
-        ):
+        if self._publisher is not None and (intensities is activation_map or not intensities.flags.owndata):
             # The caller's own memory (a uint8 array, a CPU tensor): it may be reused as soon as
-            # submit returns, and the thread packs the map later. Quantized floats are already a
-            # copy; published at once, or written to the publisher process's pipe, it needs none.
-            array = array.copy()
+            # submit returns, and the thread packs the map later. Quantized floats are already a copy.
+            intensities = intensities.copy()
         return PendingMap(self.run_id, image_id, name), MapMessage(
-            self.run_id, image_id, name, array, colormap, fade
+            self.run_id, image_id, name, intensities, colormap, fade
         )
 
     # -- collecting -------------------------------------------------------------------
@@ -248,7 +245,7 @@ class Producer:
         """Flush within collect's own timeout: a map still in the buffer has no result to wait for.
 
         Returns the BrokerError of maps still unsent when that time is up (collect then says so
-        in its CollectTimeoutError); one that comes before, a publisher process gone, is raised.
+        in its CollectTimeoutError); one that comes before (a closed producer) is raised.
         """
         if self._publisher is None:
             return None
@@ -285,10 +282,8 @@ class Producer:
 
     def _forget(self, result_ids: list[str]) -> None:
         """Drop the kept payloads of maps whose results are collected (producer.redelivery)."""
-        if self._sender.kept is not None:
-            self._sender.kept.collected(result_ids)
-        elif isinstance(self._publisher, ProcessPublisher) and self._redelivery is not None:
-            self._publisher.collected(result_ids)
+        if self._redelivery is not None:
+            self._redelivery.collected(result_ids)
 
     def _pending(self, item: CollectItem) -> PendingMap:
         if isinstance(item, PendingMap):
@@ -323,7 +318,8 @@ class Producer:
                 self._publisher.close(self.settings.flush_timeout_s)
         finally:
             self._app.close()
-            self._sender.close()
+            if self._idle_check is not None:
+                self._idle_check.close()
 
     def _close_at_exit(self) -> None:
         try:
@@ -336,6 +332,16 @@ class Producer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _largest_message_bytes(
+    intensities: npt.NDArray[np.uint8], run_id: str, image_id: str, name: str | None
+) -> int:
+    """The most bytes a map's message can take: ISA-L's deflate grows noise by up to a quarter (level 0)."""
+    height, width = intensities.shape
+    scanlines = int(height) * (int(width) + 1)
+    ids = len(run_id) + len(image_id.encode()) + len((name or "").encode())
+    return scanlines + scanlines // 4 + 128 + ids + MESSAGE_FIELDS_BYTES
 
 
 def _unpack_item(item: Sequence[Any]) -> tuple[str, Any, str | None]:

@@ -1,16 +1,19 @@
-"""The errors actmap raises, one rooted tree.
+"""Every error actmap raises, one rooted tree.
 
     ActmapError
     ├── PermanentError            never retried: the same input fails the same way
     │   ├── InvalidMapError       the activation map (array, dtype, shape, values, options)
-    │   ├── InvalidImageIdError   an image id or map name that is not a safe object key
+    │   ├── InvalidImageIdError   an image id that is not a safe object key
+    │   ├── InvalidMapNameError   a map name that is not a short identifier
     │   ├── WireFormatError       a message that is not a valid actmap map message
+    │   │   └── MapDecodeError    … carrying the map's identity when it could be read
     │   └── StorageRejectedError  the store refused for good (no such bucket, access denied)
     ├── TransientError            retried with backoff, up to a bound
-    │   ├── StorageError          S3 or the local folder did not take the object
+    │   ├── StorageError          the store did not take the object
     │   └── BrokerError           the broker did not take the message
     ├── CollectTimeoutError       results still pending when collect's time ran out
-    └── ConfigError               a setting that cannot work (unknown storage URL scheme)
+    ├── MissingMapError           an image without a successful map (producer.kolena)
+    └── ConfigError               a setting that cannot work
 
 Each class passes its message to ``Exception.__init__`` so that Celery's result
 backend can carry the type and message to the producer.
@@ -19,6 +22,23 @@ backend can carry the type and message to the producer.
 from __future__ import annotations
 
 from typing import Any
+
+__all__ = [
+    "ActmapError",
+    "BrokerError",
+    "CollectTimeoutError",
+    "ConfigError",
+    "InvalidImageIdError",
+    "InvalidMapError",
+    "InvalidMapNameError",
+    "MapDecodeError",
+    "MissingMapError",
+    "PermanentError",
+    "StorageError",
+    "StorageRejectedError",
+    "TransientError",
+    "WireFormatError",
+]
 
 
 class ActmapError(Exception):
@@ -34,15 +54,27 @@ class InvalidMapError(PermanentError):
 
 
 class InvalidImageIdError(PermanentError):
-    """Raised when an image id or map name could not be a key inside the storage prefix."""
+    """Raised when an image id could not be a key inside the storage prefix."""
+
+
+class InvalidMapNameError(PermanentError):
+    """Raised when a map name is not 1 to 48 characters of A-Z a-z 0-9 . _ -."""
 
 
 class WireFormatError(PermanentError):
     """Raised when a message is not msgpack, has the wrong fields, or its bytes do not match its shape."""
 
 
+class MapDecodeError(WireFormatError):
+    """Raised when a map message is invalid; carries the map's (run, image id, name) when it could be read."""
+
+    def __init__(self, message: str, identity: tuple[str, str, str | None] | None = None) -> None:
+        super().__init__(message)
+        self.identity = identity
+
+
 class StorageRejectedError(PermanentError):
-    """Raised when the object store refuses a PUT for a reason a retry cannot fix."""
+    """Raised when the store refuses a write for a reason a retry cannot fix."""
 
 
 class TransientError(ActmapError):
@@ -50,7 +82,7 @@ class TransientError(ActmapError):
 
 
 class StorageError(TransientError):
-    """Raised when the object store did not accept a PNG after boto3's own retries."""
+    """Raised when the store did not accept a PNG after the client's own retries."""
 
 
 class BrokerError(TransientError):
@@ -68,6 +100,10 @@ class CollectTimeoutError(ActmapError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class MissingMapError(ActmapError):
+    """Raised when an image has no successful map among the results it is assembled from."""
 
 
 class ConfigError(ActmapError):

@@ -16,7 +16,7 @@ import json
 import re
 import unicodedata
 
-from producer.errors import InvalidImageIdError
+from producer.errors import InvalidImageIdError, InvalidMapNameError
 
 MAX_IMAGE_ID_BYTES = 512
 # A file system refuses names over 255 bytes; leave room for "~<name>.png".
@@ -81,9 +81,9 @@ def validate_map_name(name: object) -> str | None:
     if name is None:
         return None
     if not isinstance(name, str):
-        raise InvalidImageIdError(f"map name must be a str or None, received {type(name).__name__}")
+        raise InvalidMapNameError(f"map name must be a str or None, received {type(name).__name__}")
     if len(name) > MAX_MAP_NAME_CHARS or not _MAP_NAME.fullmatch(name):
-        raise InvalidImageIdError(
+        raise InvalidMapNameError(
             f"map name {_shorten(name)} is not valid; expected 1 to {MAX_MAP_NAME_CHARS} characters "
             "of A-Z a-z 0-9 . _ - starting with a letter or digit"
         )

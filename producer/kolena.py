@@ -9,17 +9,15 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from producer.errors import ActmapError
+from producer.errors import MissingMapError
 from producer.results import MapResult
 
 if TYPE_CHECKING:
     from kolena.workflow.annotation import BitmapMask
 
-T = TypeVar("T")
+__all__ = ["bitmap_mask", "bitmap_masks", "fill_activation_maps"]
 
-
-class MissingMapError(ActmapError):
-    """Raised when an inference's image has no successful map among the results."""
+_Inference = TypeVar("_Inference")
 
 
 def bitmap_mask(result: MapResult) -> BitmapMask:
@@ -37,14 +35,14 @@ def bitmap_masks(results: Iterable[MapResult]) -> dict[tuple[str, str | None], B
 
 
 def fill_activation_maps(
-    inferences: Sequence[T],
+    inferences: Sequence[_Inference],
     image_ids: Sequence[str],
     results: Iterable[MapResult],
     *,
     field: str = "activation_map",
     name: str | None = None,
     missing: str = "raise",
-) -> list[T]:
+) -> list[_Inference]:
     """Copies of ``inferences`` (frozen dataclasses) with ``field`` set to their image's ``BitmapMask``.
 
     ``image_ids[i]`` is the image id of ``inferences[i]`` (Kolena pairs inferences with test
@@ -57,7 +55,7 @@ def fill_activation_maps(
     if len(image_ids) != len(inferences):
         raise ValueError(f"{len(inferences)} inferences but {len(image_ids)} image ids; expected one each")
     by_image: dict[str, MapResult] = {r.image_id: r for r in results if r.name == name}
-    filled: list[T] = []
+    filled: list[_Inference] = []
     for inference, key in zip(inferences, image_ids, strict=True):
         result = by_image.get(key)
         if result is None or not result.ok:

@@ -1,55 +1,69 @@
-"""Publishing off the caller's thread: a bounded buffer drained by one background thread.
+"""Publishing maps: one Celery message per batch, sent from the caller's thread or a background one.
 
-``submit`` only validates and quantizes a map, then hands it to this buffer; the thread
-packs, compresses and publishes them in batches — whatever is waiting, up to ``batch_size``
-maps per Celery message — so the GPU loop never waits on the broker.
-
-Guarantees: a map ``put`` here is published or reported. While the broker is unreachable
-the thread keeps retrying; the buffer fills; once full, ``put`` blocks, and raises
-BrokerError if no room appears within its timeout. ``flush`` waits until everything put so
-far is published, or raises BrokerError saying how many maps are still unsent.
+``submit`` only validates and quantizes a map, then hands it to a ``BackgroundPublisher``;
+its thread packs and publishes what is waiting — up to ``batch_size`` maps per Celery
+message — so the GPU loop never waits on the broker. ``BrokerSender`` is the publish itself.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from celery import Celery
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
+
+from producer.celery_config import TASK_NAME
 from producer.errors import BrokerError
+from producer.settings import Settings
 
 log = logging.getLogger("actmap.producer")
 
 Item = TypeVar("Item")
 
 
-# What either publisher (this thread, or producer.publisher_process) says when it cannot take or
-# send maps: the same words, so callers and their tests see one API.
-def closed_error() -> BrokerError:
-    return BrokerError("producer is closed; create a new Producer to submit more maps")
+class BrokerSender:
+    """Sends packed map messages to the workers' queue, one Celery message per call."""
 
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self._app = app
 
-def buffer_full_error(capacity: int, timeout_s: float, cause: object) -> BrokerError:
-    return BrokerError(
-        f"publish buffer full ({capacity} maps unsent for {timeout_s:g} s); {_why_unsent(cause)}"
-    )
-
-
-def unsent_error(unsent: int, timeout_s: float | None, kept_by: str, cause: object) -> BrokerError:
-    return BrokerError(
-        f"{unsent} map(s) still unsent after {timeout_s:g} s (kept {kept_by}, still publishing): "
-        f"{_why_unsent(cause)}"
-    )
-
-
-def discarded_error(unsent: int, timeout_s: float | None, cause: object) -> BrokerError:
-    """What close says of the maps it could not publish in time: closing gives them up."""
-    return BrokerError(
-        f"{unsent} map(s) still unsent after {timeout_s:g} s, discarded by close: {_why_unsent(cause)}"
-    )
+    def send(self, payloads: Sequence[bytes]) -> None:
+        """Publish ``payloads`` in one message; BrokerError once ``publish_timeout_s`` is spent."""
+        timeout = self.settings.publish_timeout_s
+        started = time.monotonic()
+        try:
+            self._app.send_task(
+                TASK_NAME,
+                args=[list(payloads)],
+                # What Flower and the logs show for the arguments, rather than megabytes of map bytes.
+                argsrepr=f"[<{len(payloads)} map message(s)>]",
+                kwargsrepr="{}",
+                queue=self.settings.queue,
+                ignore_result=True,  # results are per map, stored by the worker under their own ids
+                retry=True,
+                # About one attempt a second for publish_timeout_s (kombu bounds retries by count).
+                retry_policy={
+                    "max_retries": max(1, math.ceil(timeout)),
+                    "interval_start": 0,
+                    "interval_step": 0.5,
+                    "interval_max": 1,
+                },
+            )
+        except (OperationalError, OSError) as exc:
+            broker = maybe_sanitize_url(self.settings.effective_broker_url)
+            # A broker that accepts and never answers takes the socket timeout too: say how long it took.
+            raise BrokerError(
+                f"could not publish {len(payloads)} map(s) to {broker} in {time.monotonic() - started:.1f} s "
+                f"(ACTMAP_PUBLISH_TIMEOUT_S {timeout:g}): {exc}"
+            ) from exc
 
 
 def _why_unsent(cause: object) -> str:
@@ -60,6 +74,14 @@ def _why_unsent(cause: object) -> str:
 
 
 class BackgroundPublisher(Generic[Item]):
+    """A bounded buffer of maps, drained by one thread that sends them ``batch_size`` at a time.
+
+    A map ``put`` here is published or reported. While the broker is unreachable the thread
+    keeps retrying and the buffer fills; once full, ``put`` blocks, and raises BrokerError if
+    no room appears within its timeout. ``flush`` waits until everything put so far is
+    published, or raises BrokerError saying how many maps are still unsent.
+    """
+
     def __init__(
         self, send: Callable[[Sequence[Item]], None], *, capacity: int, batch_size: int, linger_s: float
     ) -> None:
@@ -84,28 +106,22 @@ class BackgroundPublisher(Generic[Item]):
         with self._changed:
             return len(self._buffer) + self._in_flight
 
-    def wait_for_progress(self, seen: tuple[int, str | None], timeout_s: float) -> tuple[int, str | None]:
-        """(maps published, last publish error) once they differ from ``seen``, or after ``timeout_s``."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._progress() != seen, timeout=timeout_s)
-            return self._progress()
-
-    def _progress(self) -> tuple[int, str | None]:
-        return self._published, None if self._last_error is None else str(self._last_error)
-
     def put(self, item: Item, timeout_s: float) -> None:
         """Buffer one map; blocks while the buffer is full, up to ``timeout_s``."""
         with self._changed:
             if self._closing:
-                raise closed_error()
+                raise BrokerError("producer is closed; create a new Producer to submit more maps")
             if len(self._buffer) >= self._capacity and not self._changed.wait_for(
                 lambda: len(self._buffer) < self._capacity, timeout=timeout_s
             ):
-                raise buffer_full_error(self._capacity, timeout_s, self._last_error)
+                raise BrokerError(
+                    f"publish buffer full ({self._capacity} maps unsent for {timeout_s:g} s); "
+                    f"{_why_unsent(self._last_error)}"
+                )
             self._buffer.append(item)
             # Wake the publisher only when it has something to do: the first map starts its
-            # linger, a full batch ends it. Waking it on every map would make it contend for
-            # the GIL with the caller's loop 200 times a second for nothing.
+            # linger, a full batch ends it; waking it on every map would only make it contend
+            # with the caller's loop for the GIL.
             if len(self._buffer) == 1 or len(self._buffer) >= self._batch_size:
                 self._changed.notify_all()
 
@@ -116,14 +132,20 @@ class BackgroundPublisher(Generic[Item]):
             self._changed.notify_all()  # a put cut short by a Ctrl-C may have left the publisher asleep
             if not self._changed.wait_for(lambda: self._published >= target, timeout=timeout_s):
                 unsent = target - self._published
-                raise unsent_error(unsent, timeout_s, "in the buffer", self._last_error)
+                raise BrokerError(
+                    f"{unsent} map(s) still unsent after {timeout_s:g} s (kept in the buffer, still "
+                    f"publishing): {_why_unsent(self._last_error)}"
+                )
 
     def close(self, timeout_s: float | None) -> None:
         """Flush, then stop the thread. Maps still unsent after ``timeout_s`` are discarded: BrokerError."""
         try:
             self.flush(timeout_s)
         except BrokerError:
-            raise discarded_error(self.unsent, timeout_s, self._last_error) from None
+            raise BrokerError(
+                f"{self.unsent} map(s) still unsent after {timeout_s:g} s, discarded by close: "
+                f"{_why_unsent(self._last_error)}"
+            ) from None
         finally:
             with self._changed:
                 self._closing = True

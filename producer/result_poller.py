@@ -1,8 +1,8 @@
 """Waiting for many maps' results at a cost that follows the results that arrive.
 
 Celery's ``get_many`` reads every still-pending id on every poll, computing each key again:
-O(pending) work per poll, O(N²) over a run of N maps, on the producer's CPU (which a GPU
-loop needs) and on Redis. Here each id's key is computed once, and a poll reads at most a
+O(pending) work per poll, O(N²) over a run of N maps, on the producer's CPU and on Redis.
+Here each id's key is computed once, and a poll reads at most a
 window of the *oldest* pending ids: maps are rendered roughly in submission order, so the
 oldest are the ones about to arrive. When half a window or more turns out ready, the next one
 is read at once, so catching up on many finished results takes one round trip per window.
@@ -28,11 +28,11 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissi
 log = logging.getLogger("actmap.producer")
 
 # A result backend that cannot answer for now: Redis restarting, a network blip (the
-# filesystem backend raises OSError). Not those that last (see _lasting).
+# filesystem backend raises OSError); not those no wait mends (see _cannot_pass).
 BACKEND_ERRORS = (redis.RedisError, OSError)
 
 
-def _lasting(exc: BaseException) -> bool:
+def _cannot_pass(exc: BaseException) -> bool:
     """An error no wait will mend: a refused password or permission, a certificate not trusted."""
     if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
         return True
@@ -44,14 +44,8 @@ def _lasting(exc: BaseException) -> bool:
     return False
 
 
-# Keys per MGET. A result meta is ~330 bytes, so a full window is a ~170 KB reply Redis
-# serves in ~0.4 ms, short enough not to hold up the workers' writes (Redis runs one command
-# at a time). A window that finds nothing costs the producer ~1.5 ms, ~1.5% of a core at 10
-# polls a second (1024 keys: twice that), whatever the number pending; catching up on 20,000
-# ready results costs the same CPU as with 1024 or 2048, in 40 round trips of ~1 ms. Newer
-# results are read late only while all 512 oldest pending maps are held up (a dead worker of
-# 8 processes holds 8 messages of 32 maps: 256); an arrival among those, a timeout's last
-# look or a redelivery check then moves on.
+# Keys per MGET: a reply short enough not to hold up the workers' writes (Redis runs one
+# command at a time), and more than the maps a dead worker's messages can hold up.
 WINDOW = 512
 
 Result = tuple[str, dict[str, Any]]
@@ -158,7 +152,7 @@ def poll_results(
                 log.warning("result backend reachable again")
                 unreachable = None
         except BACKEND_ERRORS as exc:
-            if _lasting(exc):
+            if _cannot_pass(exc):
                 raise
             # A Redis restarting, say: the results are still to come; keep trying until the timeout.
             if unreachable is None:

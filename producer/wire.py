@@ -1,89 +1,137 @@
-"""The map message: one activation map, msgpack-encoded, versioned.
+"""The map message: one activation map as its PNG image data, msgpack-encoded (docs/wire-format.md).
 
-A map message is a msgpack map with these fields (version 1)::
+A map message is a msgpack map with these fields::
 
-    v         int    1
-    run       str    the producer's run id (results are keyed by run, image id and name)
-    id        str    image id, a relative path such as "val/img-001"
-    name      str|nil  map name when an image has several maps, else nil
-    dtype     str    "uint8", "float16", "float32" or "float64" (little-endian)
-    shape     [int]  [h, w] or [h, w, 1]
-    data      bin    the array's raw C-order bytes: h * w * itemsize of them
-    colormap  str    "jet", "viridis", "inferno", "magma", "plasma", "turbo" or "gray"
-    fade      bool   fade_low_activation
+    v          int      2
+    run        str      the producer's run id (results are keyed by run, image id and name)
+    id         str      image id, a relative path such as "val/img-001"
+    name       str|nil  map name when an image has several maps, else nil
+    shape      [int]    [h, w]
+    scanlines  bin      a zlib stream of h rows of 1 + w bytes: a PNG filter type, 0 (None)
+                        or 1 (Sub), then the row's uint8 intensities so filtered
+    colormap   str      "jet", "viridis", "inferno", "magma", "plasma", "turbo" or "gray"
+    fade       bool     fade_low_activation
 
-Version 2 carries a uint8 map as a PNG's image data instead of ``dtype`` and ``data``::
+The scanlines are the PNG's IDAT as it is: the worker checks the stream and writes the PNG's
+other chunks around it, without deflating the map again. Sub-filtered, a smooth map deflates to
+about half the bytes of the same map deflated unfiltered. A Celery task message carries a list
+of map messages, each a msgpack bin, so each map decodes on its own.
 
-    v          int    2
-    shape      [int]  [h, w]
-    scanlines  bin    a zlib stream of h rows of 1 + w bytes: a PNG filter type, 0 (None) or
-                      1 (Sub), then the row's intensities so filtered (producer.scanlines)
-
-with run, id, name, colormap and fade as in version 1. A smooth map Sub-filtered deflates to
-about half the bytes of the same map deflated as it is, and the worker stores the stream as
-the PNG's IDAT without deflating it again. The Python producer sends version 2 for every
-map that is uint8 once quantized, deflated by ISA-L at ``ACTMAP_PNG_COMPRESS_LEVEL``
-(``ACTMAP_WIRE_VERSION=1`` keeps version 1, for workers of releases that refuse version 2).
-
-A Celery task message carries a list of these as binary strings, so a batch of maps
-costs one broker message and each map stays decodable (and fuzzable) on its own. Each may
-be sent as a zlib stream (RFC 1950) of the msgpack bytes instead: a msgpack map begins with
-a byte 0x80-0x8f, 0xde or 0xdf, a zlib stream with 0x78, so the first byte tells which.
-The producer does so for version 1 (smooth maps deflate about 4x, which is 4x less for the
-broker to carry and encode), not for version 2, whose bulk is deflated already. Any zlib
-stream is read, whatever wrote it; actmap writes it with ISA-L (isal), at its default level 2
-~3.5x faster than zlib's level 1 for the same bytes, and inflates with ISA-L, ~2x faster.
+Pure numpy, msgpack and ISA-L: the producer packs, the worker unpacks and checks every field.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 from isal import isal_zlib
 
-from producer.errors import ActmapError, InvalidMapError, WireFormatError
+from producer.errors import ActmapError, InvalidMapError, MapDecodeError, WireFormatError
 from producer.keys import validate_image_id, validate_map_name
-from producer.scanlines import FILTERS, MAX_LEVEL, Scanlines, check_level
 
-ARRAY_VERSION = 1  # the map's own bytes, any dtype
-SCANLINES_VERSION = 2  # a uint8 map as deflated PNG scanlines
-VERSIONS = (ARRAY_VERSION, SCANLINES_VERSION)
+VERSION = 2
 # worker.colormaps.COLORMAP_NAMES, repeated so the producer validates without importing the worker.
 COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray")
-DTYPES: tuple[str, ...] = ("uint8", "float16", "float32", "float64")
-_COMMON_FIELDS = {"v", "run", "id", "name", "shape", "colormap", "fade"}
-_FIELDS = {
-    ARRAY_VERSION: _COMMON_FIELDS | {"dtype", "data"},
-    SCANLINES_VERSION: _COMMON_FIELDS | {"scanlines"},
-}
-MAX_COMPRESS_LEVEL = MAX_LEVEL  # ISA-L's 0-3; 0 here means not compressed
+FIELDS = frozenset({"v", "run", "id", "name", "shape", "scanlines", "colormap", "fade"})
+FILTER_NONE = 0
+FILTER_SUB = 1
+MAX_LEVEL = isal_zlib.ISAL_BEST_COMPRESSION  # ISA-L's deflate levels are 0-3
 _MAX_CINFO = 7  # a zlib header's largest window, 2**(7 + 8) = 32 KiB
 # isal's stubs declare its error an instance; it is an exception class (igzip_lib.IsalError).
 _INFLATE_ERRORS = (cast(type[Exception], isal_zlib.error), zlib.error)
 
 
+def check_level(what: str, level: object) -> None:
+    """Refuse a deflate level ISA-L does not have, naming ``what`` and the range."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"{what} is {level!r}; expected an int from 0 to {MAX_LEVEL} (ISA-L)")
+
+
+def sub_filtered(intensities: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The (h, w + 1) scanlines of an (h, w) uint8 map: per row, filter byte 1 (Sub), then the differences."""
+    height, width = intensities.shape
+    flat = intensities.reshape(-1)
+    # One pass over the whole map as a flat array, then each row's first byte put back: it has
+    # no left neighbour. uint8 arithmetic wraps mod 256, as PNG's does.
+    differences = np.empty(height * width, dtype=np.uint8)
+    np.subtract(flat[1:], flat[:-1], out=differences[1:])
+    differences[::width] = flat[::width]
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 0] = FILTER_SUB
+    rows[:, 1:] = differences.reshape(height, width)
+    return rows
+
+
+def unfiltered(rows: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The (h, w) map of scanlines whose filter bytes are all None or Sub (as ``Scanlines`` checks)."""
+    data = rows[:, 1:]
+    sub = rows[:, 0] == FILTER_SUB
+    intensities = np.array(data)
+    # A Sub row is the running sum of its differences; a uint8 sum wraps mod 256 as PNG's does.
+    intensities[sub] = np.cumsum(data[sub], axis=1, dtype=np.uint8)
+    return intensities
+
+
+@dataclass(frozen=True)
+class Scanlines:
+    """A map's PNG image data: ``rows`` (h, w + 1) uint8, filter bytes None or Sub, and ``stream``,
+    their zlib stream, which is the PNG's IDAT as it is."""
+
+    rows: npt.NDArray[np.uint8]
+    stream: bytes
+
+    @classmethod
+    def deflate(cls, intensities: npt.NDArray[np.uint8], level: int) -> Scanlines:
+        """Sub-filter an (h, w) uint8 map and deflate it with ISA-L at ``level`` (0-3)."""
+        check_level("deflate level", level)
+        rows = sub_filtered(intensities)
+        return cls(rows, isal_zlib.compress(rows.data, level))
+
+    @property
+    def height(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rows.shape[1]) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def intensities(self) -> npt.NDArray[np.uint8]:
+        return unfiltered(self.rows)
+
+
 @dataclass(frozen=True)
 class MapMessage:
+    """One map as the producer packs it: its (h, w) uint8 intensities."""
+
     run_id: str
     image_id: str
     name: str | None
-    array: np.ndarray | Scanlines  # Scanlines: a version 2 message's uint8 map
+    intensities: npt.NDArray[np.uint8]
     colormap: str = "jet"
     fade_low_activation: bool = True
 
 
-class MapDecodeError(WireFormatError):
-    """Raised when a map message is invalid; carries the map's identity when it could be read."""
+@dataclass(frozen=True)
+class DecodedMap:
+    """One map as the worker reads it: its checked scanlines, ready to be the PNG's IDAT."""
 
-    def __init__(self, message: str, identity: tuple[str, str, str | None] | None = None) -> None:
-        super().__init__(message)
-        self.identity = identity
+    run_id: str
+    image_id: str
+    name: str | None
+    scanlines: Scanlines
+    colormap: str
+    fade_low_activation: bool
 
 
 def validate_colormap(colormap: object) -> str:
@@ -92,86 +140,40 @@ def validate_colormap(colormap: object) -> str:
     return str(colormap)
 
 
-def encode_map(message: MapMessage) -> bytes:
-    """Pack a map message: version 2 if its array is Scanlines, else version 1.
+def encode_map(message: MapMessage, *, level: int = 1) -> bytes:
+    """Pack a map message, its intensities Sub-filtered and deflated at ISA-L ``level`` (0-3).
 
-    The array must already be a valid map (see producer.intensity).
+    The intensities must be a valid map (see producer.intensity).
     """
-    array = message.array
-    if isinstance(array, Scanlines):
-        return msgpack.packb(
-            {
-                "v": SCANLINES_VERSION,
-                "run": message.run_id,
-                "id": message.image_id,
-                "name": message.name,
-                "shape": list(array.shape),
-                "scanlines": array.stream,
-                "colormap": message.colormap,
-                "fade": message.fade_low_activation,
-            },
-            use_bin_type=True,
+    intensities = message.intensities
+    if intensities.dtype != np.uint8 or intensities.shape[2:] not in ((), (1,)) or intensities.ndim < 2:
+        raise InvalidMapError(
+            f"a map message carries (h, w) uint8 intensities; received {intensities.dtype} "
+            f"{intensities.shape}"
         )
-    if array.dtype.name not in DTYPES:
-        raise InvalidMapError(f"dtype {array.dtype} cannot be sent; expected one of {', '.join(DTYPES)}")
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    fields = {
-        "v": ARRAY_VERSION,
-        "run": message.run_id,
-        "id": message.image_id,
-        "name": message.name,
-        "dtype": array.dtype.name,
-        "shape": list(array.shape),
-        "data": np.ascontiguousarray(array).data.cast("B"),
-        "colormap": message.colormap,
-        "fade": message.fade_low_activation,
-    }
-    return msgpack.packb(fields, use_bin_type=True)
+    scanlines = Scanlines.deflate(intensities.reshape(intensities.shape[:2]), level)  # [h, w, 1] is [h, w]
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "run": message.run_id,
+            "id": message.image_id,
+            "name": message.name,
+            "shape": list(scanlines.shape),
+            "scanlines": scanlines.stream,
+            "colormap": message.colormap,
+            "fade": message.fade_low_activation,
+        },
+        use_bin_type=True,
+    )
 
 
-def pack_map(message: MapMessage, *, version: int, png_level: int, compress_level: int) -> bytes:
-    """The bytes a producer sends for a map: version 2 if ``version`` is 2 and the map is uint8,
-    its scanlines deflated at ``png_level``; else version 1, compressed at ``compress_level``."""
-    array = message.array
-    check_level("wire compress level", compress_level, "0 (off)")
-    check_level("PNG compress level", png_level, "0")
-    if version == SCANLINES_VERSION and isinstance(array, np.ndarray) and array.dtype == np.uint8:
-        intensities = array.reshape(array.shape[:2])  # [h, w, 1] is [h, w] with the same bytes
-        return encode_map(replace(message, array=Scanlines.deflate(intensities, png_level)))
-    return compress_map(encode_map(message), compress_level)
-
-
-def compress_map(payload: bytes, level: int) -> bytes:
-    """The zlib form of a packed map message, deflated by ISA-L at ``level`` 1-3; 0 leaves it as it is."""
-    check_level("wire compress level", level, "0 (off)")
-    return isal_zlib.compress(payload, level) if level > 0 else payload
-
-
-def _inflate(payload: bytes | bytearray | memoryview, max_message_bytes: int) -> bytes:
-    # ISA-L inflates any zlib stream, whatever level or library wrote it, about 2x faster than zlib.
-    inflater = isal_zlib.decompressobj()
-    try:
-        # Bounded: a small stream must not unpack into more than a message may be.
-        data = inflater.decompress(payload, max_message_bytes)
-    except _INFLATE_ERRORS as exc:
-        raise MapDecodeError(f"map message is not a valid zlib stream ({exc})") from exc
-    if inflater.unconsumed_tail:
-        raise MapDecodeError(f"map message inflates to over {max_message_bytes} bytes; expected at most that")
-    if not inflater.eof:
-        raise MapDecodeError("map message is a truncated zlib stream")
-    return data
-
-
-def decode_map(payload: object, *, max_pixels: int, max_message_bytes: int) -> MapMessage:
+def decode_map(payload: object, *, max_pixels: int, max_message_bytes: int) -> DecodedMap:
     """Unpack and check a map message; raise MapDecodeError saying what is wrong."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise MapDecodeError(f"map message must be bytes, received {type(payload).__name__}")
     size = payload.nbytes if isinstance(payload, memoryview) else len(payload)  # len() of a view counts items
     if size > max_message_bytes:
         raise MapDecodeError(f"map message is {size} bytes; expected at most {max_message_bytes}")
-    if payload[:1] == b"\x78":
-        payload = _inflate(payload, max_message_bytes)
     try:
         fields = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_message_bytes)
     except Exception as exc:  # msgpack raises several unrelated types for corrupt input
@@ -193,14 +195,11 @@ def _identity(fields: Mapping[Any, Any]) -> tuple[str, str, str | None] | None:
     return None
 
 
-def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMessage:
+def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> DecodedMap:
     version = fields.get("v")
-    if type(version) is not int or version not in VERSIONS:  # not True, not 1.0
-        raise WireFormatError(
-            f"map message version is {version!r}; this worker reads versions "
-            f"{' and '.join(map(str, VERSIONS))}"
-        )
-    missing = _FIELDS[version] - set(fields)
+    if type(version) is not int or version != VERSION:  # not True, not 2.0
+        raise WireFormatError(f"map message version is {version!r}; this worker reads version {VERSION}")
+    missing = FIELDS - set(fields)
     if missing:
         raise WireFormatError(f"map message lacks field(s) {', '.join(sorted(missing))}")
     run = _typed(fields, "run", str)
@@ -208,31 +207,12 @@ def _message_from_fields(fields: Mapping[Any, Any], *, max_pixels: int) -> MapMe
     name = validate_map_name(fields["name"])
     colormap = validate_colormap(fields["colormap"])
     fade = _typed(fields, "fade", bool)
-    array = _array(fields, max_pixels) if version == ARRAY_VERSION else _scanlines(fields, max_pixels)
-    return MapMessage(run, image_id, name, array, colormap, fade)
-
-
-def _array(fields: Mapping[Any, Any], max_pixels: int) -> np.ndarray:
-    dtype_name = _typed(fields, "dtype", str)
-    if dtype_name not in DTYPES:
-        raise InvalidMapError(f"map dtype is {dtype_name!r}; expected one of {', '.join(DTYPES)}")
-    shape = _shape(fields["shape"], max_pixels)
-    data = _typed(fields, "data", bytes)
-    dtype = np.dtype(dtype_name).newbyteorder("<")
-    expected = math.prod(shape) * dtype.itemsize  # exact: np.prod wraps around past 2**63
-    if len(data) != expected:
-        raise WireFormatError(
-            f"map data is {len(data)} bytes; shape {list(shape)} of {dtype_name} needs {expected}"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return DecodedMap(run, image_id, name, _scanlines(fields, max_pixels), colormap, fade)
 
 
 def _scanlines(fields: Mapping[Any, Any], max_pixels: int) -> Scanlines:
-    """Check a version 2 map's scanlines in full: the worker stores them as the PNG's IDAT."""
-    shape = fields["shape"]
-    if isinstance(shape, list | tuple) and len(shape) != 2:
-        raise WireFormatError(f"map shape of a version 2 message must be [h, w], received {shape!r}")
-    height, width = _shape(shape, max_pixels)
+    """Check a map's scanlines in full: the worker stores them as the PNG's IDAT."""
+    height, width = _shape(fields["shape"], max_pixels)
     stream = _typed(fields, "scanlines", bytes)
     expected = height * (width + 1)
     what = f"shape {[height, width]} needs {height} rows of 1 + {width} bytes, {expected}"
@@ -245,7 +225,8 @@ def _scanlines(fields: Mapping[Any, Any], max_pixels: int) -> Scanlines:
         )
     inflater = isal_zlib.decompressobj()
     try:
-        data = inflater.decompress(stream, expected + 1)  # bounded: a bomb stops one byte past the map
+        # Bounded: a bomb stops one byte past the map (and a size past ssize_t at ssize_t's bound).
+        data = inflater.decompress(stream, min(expected + 1, sys.maxsize))
     except _INFLATE_ERRORS as exc:
         raise WireFormatError(f"map scanlines are not a valid zlib stream ({exc})") from exc
     if len(data) > expected or inflater.unconsumed_tail:
@@ -261,7 +242,7 @@ def _scanlines(fields: Mapping[Any, Any], max_pixels: int) -> Scanlines:
             f"map scanlines have {len(inflater.unused_data)} bytes after their zlib stream; expected none"
         )
     rows = np.frombuffer(data, dtype=np.uint8).reshape(height, width + 1)
-    unknown = np.flatnonzero(rows[:, 0] > max(FILTERS))  # None and Sub are 0 and 1
+    unknown = np.flatnonzero(rows[:, 0] > FILTER_SUB)
     if unknown.size:
         row = int(unknown[0])
         raise WireFormatError(
@@ -277,22 +258,18 @@ def _typed(fields: Mapping[Any, Any], key: str, kind: type[Any]) -> Any:
     return value
 
 
-def _shape(shape: object, max_pixels: int) -> tuple[int, ...]:
+def _shape(shape: object, max_pixels: int) -> tuple[int, int]:
     if (
         not isinstance(shape, list | tuple)
-        or len(shape) not in (2, 3)
+        or len(shape) != 2
         or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
     ):
-        raise WireFormatError(f"map shape must be [h, w] or [h, w, 1] of ints, received {shape!r}")
-    if len(shape) == 3 and shape[2] != 1:
-        raise InvalidMapError(
-            f"map shape {list(shape)} has {shape[2]} channels; expected [h, w] or [h, w, 1]"
-        )
-    height, width = shape[0], shape[1]
+        raise WireFormatError(f"map shape must be [h, w] of ints, received {shape!r}")
+    height, width = shape
     if height <= 0 or width <= 0:
         raise InvalidMapError(f"map shape {list(shape)} is empty; expected h, w >= 1")
     if height * width > max_pixels:
         raise InvalidMapError(
             f"map shape {list(shape)} has {height * width} pixels; expected at most {max_pixels}"
         )
-    return tuple(shape)
+    return height, width

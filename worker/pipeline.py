@@ -13,14 +13,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from producer.errors import PermanentError, TransientError
+from producer.errors import MapDecodeError, PermanentError, TransientError
 from producer.keys import object_key, result_id
 from producer.results import success_result
-from producer.scanlines import Scanlines
 from producer.settings import Settings
-from producer.wire import MapDecodeError, decode_map
+from producer.wire import decode_map
 from worker import metrics
-from worker.render import png_from_scanlines, render_png
+from worker.render import png_from_scanlines
 from worker.storage import StorageLocation
 
 log = logging.getLogger("actmap.worker")
@@ -44,8 +43,8 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Retry:
-    """Storage failed after boto3's own retries: send this map again later."""
+class RetryLater:
+    """Storage failed after its client's own retries: send this map again later."""
 
     result_id: str
     payload: bytes
@@ -59,7 +58,7 @@ class Postponed:
     payload: bytes
 
 
-Outcome = Done | Failed | Retry | Postponed
+Outcome = Done | Failed | RetryLater | Postponed
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class Pipeline:
         self.settings = settings
         self.location = location
         self._upload_threads = upload_threads
-        # A log line costs about as much as a 224² render_png: one per map only when asked for.
+        # A log line costs more CPU than building the map's PNG: one per map only when asked for.
         self._stored_level = logging.INFO if settings.log_each_map else logging.DEBUG
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="actmap-upload")
 
@@ -143,19 +142,11 @@ class Pipeline:
             return Failed(rid, exc)
         rid = result_id(message.run_id, message.image_id, message.name)
         try:
-            if isinstance(message.array, Scanlines):  # deflated by the producer: the PNG's IDAT
-                png = png_from_scanlines(message.array, message.colormap, message.fade_low_activation)
-            else:
-                png = render_png(
-                    message.array,
-                    message.colormap,
-                    message.fade_low_activation,
-                    compress_level=self.settings.png_compress_level,
-                )
+            png = png_from_scanlines(message.scanlines, message.colormap, message.fade_low_activation)
             key = object_key(self.location.prefix, message.image_id, message.name)
         except Exception as exc:
             return self._failed(rid, message.image_id, exc)
-        height, width = message.array.shape[:2]
+        height, width = message.scanlines.shape
         render_s = time.perf_counter() - started
         metrics.STAGE_SECONDS.labels("render").observe(render_s)
         render_ms = render_s * 1e3
@@ -168,7 +159,7 @@ class Pipeline:
             stored = self.location.storage.put(map_.key, map_.png)
         except TransientError as exc:
             log.info("map %r will be retried: %s", map_.image_id, exc, extra=fields)
-            return Retry(map_.result_id, map_.payload, exc)
+            return RetryLater(map_.result_id, map_.payload, exc)
         except Exception as exc:
             return self._failed(map_.result_id, map_.image_id, exc)
         store_s = time.perf_counter() - started

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from isal import isal_zlib
 
 from producer.intensity import to_intensities
-from producer.scanlines import Scanlines, check_level
+from producer.wire import Scanlines, check_level
 from worker.colormaps import lut
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +27,7 @@ def colorize(
     """Return the (h, w, 4) uint8 RGBA image of the map, bit-exact with Kolena's colorize_activation_map."""
     table = lut(colormap, fade_low_activation)
     intensities = to_intensities(activation_map)
-    # np.take is the same lookup as table[intensities], about ten times faster for a 2D table.
+    # np.take is the same lookup as table[intensities], and much faster for a 2D table.
     return np.take(table, intensities, axis=0)
 
 
@@ -45,10 +45,8 @@ def render_png(
 
     The PNG is written here, not by Pillow: Pillow never filters palette images, while PNG's
     Sub filter turns a smooth map into small differences that deflate packs about half as
-    large. The deflate is ISA-L's (``compress_level`` is its level, 0-3), a standard zlib stream:
-    at level 1 it is 3.5-4x faster than zlib's level 1 and 7-10% smaller on these scanlines, which
-    makes render_png ~3x faster; 2 packs the same, 0 is a quarter larger for hardly any time
-    saved, 3 is ~3x slower (see benchmarks/render.py).
+    large. The deflate is ISA-L's, a standard zlib stream; ``compress_level`` is its level, 0-3
+    (docs/performance.md compares them).
     """
     check_level("compress_level", compress_level)
     lut(colormap, fade_low_activation)  # refuses unknown colormaps and non-bool fades first
@@ -59,7 +57,7 @@ def render_png(
 def png_from_scanlines(
     scanlines: Scanlines, colormap: str = "jet", fade_low_activation: bool = True
 ) -> bytes:
-    """Return the palette PNG of a map that came as deflated scanlines (wire version 2).
+    """Return the palette PNG of a map that came as deflated scanlines (a map message's).
 
     The scanlines' zlib stream, checked by the wire format, becomes the IDAT as it is: the same
     PNG as ``render_png`` of the map at the level the producer deflated it, with no deflate here.
@@ -78,7 +76,7 @@ def _png(scanlines: Scanlines, palette: bytes) -> bytes:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))  # the same CRC-32 as zlib's, ~4x faster
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))  # the same CRC-32 as zlib's, faster
     return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
 
 

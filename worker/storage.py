@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from producer.errors import ConfigError, InvalidImageIdError, StorageError, StorageRejectedError
 from producer.settings import Settings
+from worker.budget import longest_put_s
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -326,7 +327,7 @@ def make_obstore_store(settings: Settings, bucket: str) -> Any:
                 "max_backoff": timedelta(seconds=20),
                 "base": 2,
             },
-            "retry_timeout": timedelta(seconds=settings.longest_put_s),
+            "retry_timeout": timedelta(seconds=longest_put_s(settings)),
         },
         credential_provider=Boto3CredentialProvider(session),
     )

@@ -15,21 +15,21 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, Reject
-from celery.exceptions import Retry as CeleryRetry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_init, worker_process_shutdown
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.celery_config import TASK_NAME
-from producer.errors import ConfigError, StorageError, WireFormatError
+from producer.errors import ConfigError, MapDecodeError, StorageError, WireFormatError
 from producer.keys import result_id
-from producer.wire import MapDecodeError, decode_map
+from producer.wire import decode_map
 from worker import metrics
 from worker.app import app, settings
 from worker.backoff import backoff_s
-from worker.pipeline import Done, Failed, Pipeline, Postponed, Retry
+from worker.budget import check_budget, task_budget_s
+from worker.pipeline import Done, Failed, Pipeline, Postponed, RetryLater
 from worker.result_store import ResultStore
 from worker.storage import open_storage, storage_url_parts
 
@@ -42,10 +42,12 @@ def _forget_process_metrics(**_: Any) -> None:
 
 
 @worker_init.connect
-def _refuse_a_storage_url_that_cannot_work(**_: Any) -> None:
-    """In the worker's main process as it starts: a storage URL that cannot work stops it there."""
+def _refuse_settings_that_cannot_work(**_: Any) -> None:
+    """In the worker's main process as it starts: a storage URL that cannot work, or a visibility
+    timeout too short for a message's work, stops it there."""
     try:
         storage_url_parts(settings)
+        check_budget(settings)
     except ConfigError as exc:
         raise SystemExit(f"actmap worker: {exc}") from None
 
@@ -61,7 +63,7 @@ def pipeline() -> Pipeline:
 # success results are never overwritten by anything but success.
 _BROKER_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
 # What the task lets through to Celery as it is: those (autoretry_for) and Celery's own retries.
-_CELERY_WAYS_OUT = (*_BROKER_ERRORS, CeleryRetry, Ignore, Reject)
+_RAISED_TO_CELERY = (*_BROKER_ERRORS, Retry, Ignore, Reject)
 
 
 @app.task(
@@ -87,7 +89,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
         return {"maps": 0, "done": 0, "failed": 0, "retried": 0, "postponed": 0}
     try:
         return _render_all(self, maps, results)
-    except _CELERY_WAYS_OUT:
+    except _RAISED_TO_CELERY:
         raise
     except Exception as exc:
         # Storage that could not even be opened, a bug: Celery would acknowledge the message and
@@ -98,7 +100,7 @@ def render_maps(self: Task[Any, Any], maps: list[bytes]) -> dict[str, int]:
 def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -> dict[str, int]:
     done = failed = 0
     unreadable: list[str] = []
-    retry: list[Retry] = []
+    retry: list[RetryLater] = []
     postponed: list[bytes] = []
     deadline = _deadline(self.request.eta)
     metrics.IN_FLIGHT.inc(len(maps))
@@ -153,9 +155,9 @@ def _deadline(eta: object) -> float:
     if isinstance(eta, str):  # as Celery's message protocol carries it: ISO 8601
         eta = datetime.fromisoformat(eta)
     if not isinstance(eta, datetime):
-        return time.monotonic() + settings.task_budget_s(retried=False)
+        return time.monotonic() + task_budget_s(settings, retried=False)
     late_s = max(0.0, time.time() - eta.timestamp())  # a naive ETA is local time, as Celery reads it
-    return time.monotonic() + settings.task_budget_s(retried=True) - late_s
+    return time.monotonic() + task_budget_s(settings, retried=True) - late_s
 
 
 def _failed_unexpectedly(
@@ -204,7 +206,7 @@ def _record_unreadable(task: Task[Any, Any], count: int, unreadable: list[str], 
     log.error("task %s: %s", task.request.id, error)
 
 
-def _retry_or_give_up(task: Task[Any, Any], retry: list[Retry], results: ResultStore) -> None:
+def _retry_or_give_up(task: Task[Any, Any], retry: list[RetryLater], results: ResultStore) -> None:
     attempt = task.request.retries
     if attempt < settings.task_max_retries:
         # At least a second: RabbitMQ's delayed delivery counts whole seconds and refuses 0.

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from producer import MapResult
-from producer.kolena import MissingMapError, bitmap_mask, bitmap_masks, fill_activation_maps
+from producer.errors import MissingMapError
+from producer.kolena import bitmap_mask, bitmap_masks, fill_activation_maps
 from tests.integration.conftest import Stack
 from tests.support.workers import WorkerProcess, clean_env
 

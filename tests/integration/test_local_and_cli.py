@@ -19,7 +19,7 @@ from tests.integration.conftest import Stack
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess, clean_env
-from worker.render import colorize
+from worker.render import colorize, render_png
 from worker.storage import FileStorage
 
 
@@ -194,7 +194,7 @@ def test_storage_errors_are_retried_with_backoff_up_to_the_bound_then_reported(t
     assert stack.worker_logs().count("retrying 1 map(s)") == 2
 
 
-@pytest.mark.parametrize("publisher", ["thread", "process", "none"])
+@pytest.mark.parametrize("publisher", ["thread", "none"])
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_a_buffer_the_caller_reuses_right_after_submit_does_not_change_the_map_sent(
     local_stack: Stack, dtype: str, publisher: str
@@ -205,7 +205,6 @@ def test_a_buffer_the_caller_reuses_right_after_submit_does_not_change_the_map_s
             "publish_linger_s": 2.0,
             "batch_size": 64,
             "background_publish": publisher != "none",
-            "background_publisher": "process" if publisher == "process" else "thread",
         }
     )
     rng = np.random.default_rng(11)
@@ -222,22 +221,23 @@ def test_a_buffer_the_caller_reuses_right_after_submit_does_not_change_the_map_s
     np.testing.assert_array_equal(decode(result.locator), expected)
 
 
-def test_a_producer_still_on_wire_version_1_gets_the_same_png_as_one_on_version_2(local_stack: Stack) -> None:
-    # Given the same maps from a producer on version 1 (as before version 2) and one on the default
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_the_stored_png_is_render_pngs_png_at_the_producers_deflate_level(
+    local_stack: Stack, level: int
+) -> None:
+    # Given float and uint8 maps from a producer deflating at ACTMAP_PNG_COMPRESS_LEVEL=level
     rng = np.random.default_rng(8)
     maps = [rng.random((48, 40), dtype=np.float32), rng.integers(0, 256, (30, 20), dtype=np.uint8)]
-    pngs: dict[int, list[bytes]] = {}
-    for version in (1, 2):
-        settings = local_stack.settings.model_copy(update={"wire_version": version})
-        # When each submits them under its own image ids and collects
-        with Producer(settings) as producer:
-            handles = [producer.submit(f"v{version}/map-{i}", cam) for i, cam in enumerate(maps)]
-            results = producer.collect(handles, timeout=60)
-        assert all(r.locator for r in results), [r.error for r in results]
-        pngs[version] = [Path(r.locator.removeprefix("file://")).read_bytes() for r in results if r.locator]
-    # Then the PNGs are byte for byte the same: the worker deflated them at the level the producer did
-    assert pngs[1] == pngs[2]
-    for cam, png in zip(maps, pngs[2], strict=True):
+    settings = local_stack.settings.model_copy(update={"png_compress_level": level})
+    # When each is submitted and collected
+    with Producer(settings) as producer:
+        handles = [producer.submit(f"level-{level}/map-{i}", cam) for i, cam in enumerate(maps)]
+        results = producer.collect(handles, timeout=60)
+    assert all(r.locator for r in results), [r.error for r in results]
+    pngs = [Path(r.locator.removeprefix("file://")).read_bytes() for r in results if r.locator]
+    # Then each PNG is byte for byte render_png's at that level, and decodes to the colorized map
+    assert pngs == [render_png(cam, compress_level=level) for cam in maps]
+    for cam, png in zip(maps, pngs, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")), colorize(cam))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import msgpack
 import numpy as np
@@ -134,7 +135,7 @@ def test_resubmitting_an_image_id_in_a_new_run_gives_that_runs_result_not_the_ol
     # The second run's map is broken on the worker side (see the poison test for how);
     # if results were keyed by image id alone, collect would return the first run's success.
     with stack.producer(run_id="second-run") as second:
-        second._app.send_task(TASK_NAME, args=[[raw_map("second-run", "again", shape=[5, 5], data=b"x")]])
+        second._app.send_task(TASK_NAME, args=[[raw_map("second-run", "again", shape=[5, 5])]])
         result = second.collect(["again"], timeout=60)[0]
     assert result.error is not None and result.error.type == "MapDecodeError"
 
@@ -179,16 +180,18 @@ def test_bad_maps_are_refused_by_the_producer_at_once_with_what_was_received(
             producer.submit("../escape", np.zeros((8, 8), np.uint8))
 
 
-def raw_map(run: str, image_id: str, **fields: object) -> bytes:
-    """A map message as a hostile or buggy producer might send it, bypassing our client."""
+def raw_map(run: str, image_id: str, intensities: np.ndarray | None = None, **fields: object) -> bytes:
+    """A map message as a hostile or buggy producer might send it, bypassing our client: a 4x4
+    map of zeros (or ``intensities``), its rows unfiltered, any field replaced by ``fields``."""
+    array = np.zeros((4, 4), np.uint8) if intensities is None else intensities
+    rows = np.hstack([np.zeros((array.shape[0], 1), np.uint8), array])  # filter byte 0: None
     message = {
-        "v": 1,
+        "v": 2,
         "run": run,
         "id": image_id,
         "name": None,
-        "dtype": "uint8",
-        "shape": [4, 4],
-        "data": bytes(16),
+        "shape": list(array.shape),
+        "scanlines": zlib.compress(rows.tobytes()),
         "colormap": "jet",
         "fade": True,
     }
@@ -200,16 +203,15 @@ def raw_map(run: str, image_id: str, **fields: object) -> bytes:
     ("fields", "error_type", "says"),
     [
         (
-            {"shape": [4, 4], "data": bytes(15)},
+            {"scanlines": zlib.compress(bytes(19))},
             "MapDecodeError",
-            "map data is 15 bytes; shape [4, 4] of uint8 needs 16",
+            "map scanlines inflate to 19 bytes; shape [4, 4] needs 4 rows of 1 + 4 bytes, 20",
         ),
         ({"shape": [100000, 100000]}, "MapDecodeError", "10000000000 pixels; expected at most"),
-        ({"dtype": "int32"}, "MapDecodeError", "map dtype is 'int32'"),
-        ({"shape": [4, 4, 3], "data": bytes(48)}, "MapDecodeError", "3 channels"),
-        ({"dtype": "float32", "data": np.full(16, 2.0, np.float32).tobytes()}, "InvalidMapError", "[0, 1]"),
-        ({"dtype": "float32", "data": np.full(16, np.nan, np.float32).tobytes()}, "InvalidMapError", "NaN"),
+        ({"scanlines": zlib.compress(bytes([5]) + bytes(19))}, "MapDecodeError", "filter type 5"),
+        ({"shape": [4, 4, 1]}, "MapDecodeError", "map shape must be [h, w] of ints"),
         ({"colormap": "nope"}, "MapDecodeError", "unknown colormap 'nope'"),
+        ({"v": 1}, "MapDecodeError", "version is 1; this worker reads version 2"),
         ({"v": 99}, "MapDecodeError", "version is 99"),
         ({"fade": "yes"}, "MapDecodeError", "'fade' must be bool"),
     ],
@@ -219,7 +221,7 @@ def test_a_bad_map_sent_around_the_client_fails_with_a_clear_error_and_the_worke
 ) -> None:
     stack, _ = s3_stack
     with stack.producer() as producer:
-        good = raw_map(producer.run_id, "good-after", data=bytes(range(16)))
+        good = raw_map(producer.run_id, "good-after", np.arange(16, dtype=np.uint8).reshape(4, 4))
         producer._app.send_task(TASK_NAME, args=[[raw_map(producer.run_id, "bad", **fields), good]])
         bad_result, good_result = producer.collect(["bad", "good-after"], timeout=60)
     assert bad_result.error is not None
@@ -261,4 +263,5 @@ def test_pickle_and_json_task_messages_are_refused_by_the_worker(s3_stack: tuple
 
 
 def test_result_ids_are_per_run_image_and_name() -> None:
-    assert result_id("r", "a") != result_id("r", "a", "cat") != result_id("r2", "a")
+    ids = [result_id("r", "a"), result_id("r", "a", "cat"), result_id("r2", "a")]
+    assert len(set(ids)) == len(ids)

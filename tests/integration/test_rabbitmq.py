@@ -6,6 +6,7 @@ redis-server for results, PNGs in a local folder and a real ``actmap worker``.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from producer.celery_config import TASK_NAME
 from producer.wire import MapMessage, encode_map
 from tests.integration.conftest import Stack
+from tests.integration.test_pipeline_s3 import raw_map
 from tests.support.ports import free_port
 from tests.support.rabbitmq import RabbitVhost, require_rabbitmq
 from tests.support.redis_server import RedisServer
@@ -96,9 +98,9 @@ def test_maps_submitted_one_by_one_and_in_batches_come_back_as_the_colorized_png
 def test_a_bad_map_sent_around_the_client_fails_with_a_clear_error_and_the_worker_goes_on(
     rabbit_stack: Stack,
 ) -> None:
-    # Given a map with NaN values, which submit would refuse, published by hand before a good one
+    # Given a map whose scanlines have an unknown filter type, published by hand before a good one
     with rabbit_stack.producer() as producer:
-        bad = encode_map(MapMessage(producer.run_id, "rmq/bad", None, np.full((4, 4), np.nan, np.float32)))
+        bad = raw_map(producer.run_id, "rmq/bad", scanlines=zlib.compress(bytes([7]) + bytes(19)))
         good = encode_map(MapMessage(producer.run_id, "rmq/good-after", None, np.zeros((4, 4), np.uint8)))
         producer._app.send_task(TASK_NAME, args=[[bad, good]], queue=producer.settings.queue)
         # When both are collected, and another map is submitted afterwards
@@ -106,8 +108,8 @@ def test_a_bad_map_sent_around_the_client_fails_with_a_clear_error_and_the_worke
         later = producer.collect([producer.submit("rmq/later", np.ones((4, 4), np.uint8))], timeout=60)[0]
     # Then the bad map failed, saying why, and the worker went on with the others
     assert bad_result.error is not None
-    assert bad_result.error.type == "InvalidMapError"
-    assert "NaN" in bad_result.error.message
+    assert bad_result.error.type == "MapDecodeError"
+    assert "map scanline 0 has filter type 7; expected 0 (None) or 1 (Sub)" in bad_result.error.message
     assert good_result.ok, good_result.error
     assert later.ok, later.error
 

@@ -9,8 +9,8 @@ import pytest
 
 from producer import Producer
 from producer.errors import InvalidMapError
-from tests.integration.test_publisher_process import queued_batches
 from tests.integration.test_result_poller import redis_settings
+from tests.support.broker_queue import queued_batches
 from tests.support.redis_server import RedisServer
 
 

@@ -55,6 +55,29 @@ def test_a_worker_given_a_storage_url_that_cannot_work_refuses_to_start_saying_w
     ) in str(raised.value)
 
 
+def test_a_worker_whose_visibility_timeout_leaves_no_time_to_work_refuses_to_start_saying_why(
+    module_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Given a retry's wait (20 s) and the longest S3 PUT (3 x (2 + 5) + 2 + 4 = 27 s) that, with
+    # the 5 s margin, leave a 50 s visibility timeout less than a second: the broker could hand
+    # a map to a second worker while the first still works on it
+    env = {
+        "ACTMAP_HOME": str(tmp_path / "home"),
+        "ACTMAP_BROKER_URL": module_redis.url(2),
+        "ACTMAP_RESULT_BACKEND": module_redis.url(3),
+        "ACTMAP_STORAGE_URL": "s3://bucket/maps",
+        "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
+        "ACTMAP_VISIBILITY_TIMEOUT_S": "50",
+    }
+    # When a worker starts, then it stops at once, naming the settings
+    with pytest.raises(RuntimeError, match="did not start") as raised:
+        WorkerProcess(env, tmp_path)
+    assert (
+        "actmap worker: ACTMAP_VISIBILITY_TIMEOUT_S (50) leaves no time to render: it must exceed "
+        "ACTMAP_RETRY_BACKOFF_MAX_S (20) + the longest PUT (27 s"
+    ) in str(raised.value)
+
+
 def test_maps_whose_task_fails_unexpectedly_are_retried_then_each_fails_with_that_error(
     module_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -230,25 +230,21 @@ def test_workers_reconnect_after_a_redis_restart_with_aof_and_every_map_lands_on
     assert (outcome.objects, outcome.results, outcome.stray_files) == (MAPS, MAPS, [])
 
 
-@pytest.mark.parametrize("publisher", ["thread", "process"])
 def test_without_persistence_a_redis_restart_forgets_maps_and_results_and_the_producer_sends_them_again(
     redis_in_memory: RedisServer,
     tmp_path: Path,
     report: Report,
     caplog: pytest.LogCaptureFixture,
-    publisher: str,
 ) -> None:
     """A Redis without AOF or RDB forgets, on restart, the queue (maps not yet taken), the
     unacknowledged maps and every result written so far. The broker cannot recover them; the
     producer, which still holds the maps it packed, sends again those without a result once the
-    broker is idle (producer.redelivery). Whatever is reported success must be right throughout.
-    With the publisher process, the maps are kept, and sent again, there."""
+    broker is idle (producer.redelivery). Whatever is reported success must be right throughout."""
     scenario = "in-memory"
     stack = make_stack(
         redis_in_memory,
         tmp_path,
         ACTMAP_PUBLISH_TIMEOUT_S="2",
-        ACTMAP_BACKGROUND_PUBLISHER=publisher,
         **FAST_REDELIVERY,
     )
     try:
@@ -263,7 +259,7 @@ def test_without_persistence_a_redis_restart_forgets_maps_and_results_and_the_pr
     last = run.watch.last_seen()
     report_outcome(
         report,
-        f"Redis in-memory SIGKILL + start (producer resends, publisher {publisher})",
+        "Redis in-memory SIGKILL + start (producer resends)",
         outcome,
         maps=MAPS,
         faults=1,

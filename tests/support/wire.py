@@ -7,7 +7,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from producer.wire import MapDecodeError, decode_map
+from producer.errors import MapDecodeError
+from producer.wire import decode_map
 
 
 def decode_refusal(payload: object, *, max_pixels: int, max_message_bytes: int) -> MapDecodeError:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.errors import InvalidImageIdError
+from producer.errors import InvalidImageIdError, InvalidMapNameError
 from producer.keys import (
     MAX_IMAGE_ID_BYTES,
     MAX_MAP_NAME_CHARS,
@@ -99,8 +99,14 @@ VALID_IDS = st.lists(SAFE_SEGMENTS, min_size=1, max_size=5).map("/".join)
 VALID_NAMES = st.none() | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}", fullmatch=True)
 
 
+# What object_key raises for an id or a name that cannot be part of a key.
+INVALID_KEY = (InvalidImageIdError, InvalidMapNameError)
+
+
 def _refusal(image_id: object, name: object = None) -> str:
-    with pytest.raises(InvalidImageIdError) as info:
+    """The message object_key refuses with: InvalidMapNameError for a bad name, else InvalidImageIdError."""
+    expected = InvalidImageIdError if name is None else InvalidMapNameError
+    with pytest.raises(expected) as info:
         object_key(PREFIX, image_id, name)  # type: ignore[arg-type]
     return str(info.value)
 
@@ -280,10 +286,10 @@ def _assert_safe_key(key: str) -> None:
 def test_any_id_either_is_refused_or_gives_a_key_that_stays_inside_the_prefix(
     image_id: str, name: str | None
 ) -> None:
-    # Given any text at all, when a key is asked for, then only InvalidImageIdError can come out...
+    # Given any text at all, when a key is asked for, then only an id or name refusal can come out...
     try:
         key = object_key(PREFIX, image_id, name)
-    except InvalidImageIdError:
+    except INVALID_KEY:
         return
     # ...and a key that does come out cannot leave the prefix, be re-normalized or carry controls.
     _assert_safe_key(key)
@@ -304,7 +310,7 @@ def test_the_id_and_name_can_be_read_back_from_any_key(image_id: str, name: str 
     # A key from which (id, name) can be recovered cannot be shared by two different pairs.
     try:
         key = object_key(PREFIX, image_id, name)
-    except InvalidImageIdError:
+    except INVALID_KEY:
         return
     stem = key.removeprefix(f"{PREFIX}/").removesuffix(".png")
     recovered_id, _, recovered_name = stem.partition("~")
@@ -325,7 +331,7 @@ def test_two_different_id_and_name_pairs_never_share_a_key(
 ) -> None:
     try:
         keys = object_key(PREFIX, *first), object_key(PREFIX, *second)
-    except InvalidImageIdError:
+    except INVALID_KEY:
         return
     assert (keys[0] == keys[1]) == (first == second)
 

@@ -1,20 +1,17 @@
-"""producer.settings (ACTMAP_* environment, embedded defaults) and producer.results (result shapes)."""
+"""producer.settings: the ACTMAP_* environment, the embedded defaults, and the page generated from them."""
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import msgpack
 import pytest
 from pydantic import ValidationError
 
-from producer.errors import CollectTimeoutError, InvalidMapError
-from producer.results import BITMAP_MASK_DATA_TYPE, MapError, MapResult, bitmap_mask, success_result
 from producer.settings import Settings
 
 
@@ -93,8 +90,9 @@ def test_the_default_storage_url_names_the_home_exactly_whatever_its_characters(
         ("ACTMAP_QUEUE", "maps-gpu0", "queue", "maps-gpu0"),
         ("ACTMAP_RESULT_EXPIRES_S", "3600", "result_expires_s", 3600),
         ("ACTMAP_BATCH_SIZE", "7", "batch_size", 7),
-        ("ACTMAP_QUANTIZE", "false", "quantize", False),
-        ("ACTMAP_QUANTIZE", "1", "quantize", True),
+        ("ACTMAP_BACKGROUND_PUBLISH", "false", "background_publish", False),
+        ("ACTMAP_BACKGROUND_PUBLISH", "1", "background_publish", True),
+        ("ACTMAP_REDELIVER_BUFFER_MB", "0", "redeliver_buffer_mb", 0),
         ("ACTMAP_PUBLISH_TIMEOUT_S", "2.5", "publish_timeout_s", 2.5),
         ("ACTMAP_MAX_PIXELS", "1000", "max_pixels", 1000),
         ("ACTMAP_MAX_MESSAGE_BYTES", "2048", "max_message_bytes", 2048),
@@ -145,14 +143,14 @@ def test_unknown_actmap_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -
         ("ACTMAP_BATCH_SIZE", "many"),
         ("ACTMAP_PNG_COMPRESS_LEVEL", "10"),
         ("ACTMAP_PNG_COMPRESS_LEVEL", "4"),
-        ("ACTMAP_WIRE_COMPRESS_LEVEL", "9"),
         ("ACTMAP_MAX_MESSAGE_BYTES", "100"),
         ("ACTMAP_MAX_PIXELS", "0"),
         ("ACTMAP_RESULT_EXPIRES_S", "59"),
         ("ACTMAP_PUBLISH_TIMEOUT_S", "0"),
         ("ACTMAP_STORAGE_MAX_ATTEMPTS", "0"),
         ("ACTMAP_TASK_MAX_RETRIES", "-1"),
-        ("ACTMAP_QUANTIZE", "perhaps"),
+        ("ACTMAP_BACKGROUND_PUBLISH", "perhaps"),
+        ("ACTMAP_REDELIVER_BUFFER_MB", "-1"),
     ],
 )
 def test_a_value_that_cannot_work_is_refused_naming_the_setting(
@@ -170,17 +168,12 @@ def test_a_value_that_cannot_work_is_refused_naming_the_setting(
         ("ACTMAP_PNG_COMPRESS_LEVEL", "4", "expected an ISA-L level, an int from 0 to 3; received '4'"),
         ("ACTMAP_PNG_COMPRESS_LEVEL", "-1", "expected an ISA-L level, an int from 0 to 3; received '-1'"),
         ("ACTMAP_PNG_COMPRESS_LEVEL", "fast", "expected an ISA-L level, an int from 0 to 3; received 'fast'"),
-        (
-            "ACTMAP_WIRE_COMPRESS_LEVEL",
-            "9",
-            "expected an ISA-L level, an int from 0 (off) to 3; received '9'",
-        ),
     ],
 )
 def test_a_compress_level_outside_isals_0_to_3_is_refused_naming_the_range(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
 ) -> None:
-    # Both levels were zlib's 0-9; ISA-L has 0-3, so an old ACTMAP_*_COMPRESS_LEVEL=6 must say why.
+    # zlib's levels are 0-9 and ISA-L's 0-3: a zlib level such as 6 must say why it is refused.
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError) as info:
         Settings()
@@ -190,8 +183,7 @@ def test_a_compress_level_outside_isals_0_to_3_is_refused_naming_the_range(
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_every_isal_level_is_accepted(level: int) -> None:
-    settings = Settings(png_compress_level=level, wire_compress_level=level)
-    assert (settings.png_compress_level, settings.wire_compress_level) == (level, level)
+    assert Settings(png_compress_level=level).png_compress_level == level
 
 
 def test_settings_are_frozen() -> None:
@@ -200,96 +192,22 @@ def test_settings_are_frozen() -> None:
         settings.queue = "other"  # type: ignore[misc]
 
 
-# --- results --------------------------------------------------------------------------------
-
-_LOCATOR = "s3://bucket/prefix/val/img-001~cat.png"
-
-
-def _success() -> dict[str, Any]:
-    return success_result(
-        image_id="val/img-001", name="cat", locator=_LOCATOR, width=7, height=5, size=123, checksum="md5:ab"
+def test_the_settings_page_is_generated_from_the_fields_and_current() -> None:
+    # Given the page docs/settings.md, when generated again from Settings' fields, it is the same.
+    generator = _load_script("generate_settings_doc")
+    page = generator.render()
+    assert generator.OUTPUT.read_text() == page, (
+        "docs/settings.md is stale: run scripts/generate_settings_doc.py"
     )
+    for name, field in Settings.model_fields.items():
+        row = next(line for line in page.splitlines() if line.startswith(f"| `ACTMAP_{name.upper()}` |"))
+        assert str(field.description) in row, name
 
 
-def test_a_bitmap_mask_is_kolenas_serialized_form() -> None:
-    assert bitmap_mask(_LOCATOR) == {"locator": _LOCATOR, "data_type": "ANNOTATION/BITMAP_MASK"}
-    assert BITMAP_MASK_DATA_TYPE == "ANNOTATION/BITMAP_MASK"
-
-
-def test_a_success_result_carries_every_documented_field() -> None:
-    assert _success() == {
-        "image_id": "val/img-001",
-        "name": "cat",
-        "locator": _LOCATOR,
-        "bitmap_mask": {"locator": _LOCATOR, "data_type": "ANNOTATION/BITMAP_MASK"},
-        "width": 7,
-        "height": 5,
-        "bytes": 123,
-        "checksum": "md5:ab",
-    }
-
-
-def test_a_success_result_survives_the_msgpack_result_backend_unchanged() -> None:
-    stored = msgpack.unpackb(msgpack.packb(_success(), use_bin_type=True), raw=False)
-    assert stored == _success()
-    result = MapResult.from_success("val/img-001", "cat", stored)
-    assert result.ok
-    assert (result.locator, result.width, result.height, result.bytes) == (_LOCATOR, 7, 5, 123)
-    assert result.bitmap_mask == bitmap_mask(_LOCATOR)
-    assert result.error is None
-
-
-def test_a_map_result_does_not_share_the_bitmap_mask_of_the_backend_record() -> None:
-    record = _success()
-    result = MapResult.from_success("val/img-001", "cat", record)
-    record["bitmap_mask"]["locator"] = "s3://other/x.png"
-    assert result.bitmap_mask == bitmap_mask(_LOCATOR)
-
-
-def test_a_success_prints_as_json_with_ok_true_and_no_error() -> None:
-    line = json.loads(json.dumps(MapResult.from_success("val/img-001", "cat", _success()).to_dict()))
-    assert line == {
-        "image_id": "val/img-001",
-        "name": "cat",
-        "ok": True,
-        "locator": _LOCATOR,
-        "bitmap_mask": {"locator": _LOCATOR, "data_type": "ANNOTATION/BITMAP_MASK"},
-        "width": 7,
-        "height": 5,
-        "bytes": 123,
-        "checksum": "md5:ab",
-        "error": None,
-    }
-
-
-def test_a_failure_carries_the_errors_type_and_message_and_no_locator() -> None:
-    result = MapResult.from_failure("a", None, InvalidMapError("map is empty; expected h, w >= 1"))
-    assert not result.ok
-    assert result.error == MapError("InvalidMapError", "map is empty; expected h, w >= 1")
-    assert str(result.error) == "InvalidMapError: map is empty; expected h, w >= 1"
-    assert result.to_dict() == {
-        "image_id": "a",
-        "name": None,
-        "ok": False,
-        "locator": None,
-        "bitmap_mask": None,
-        "width": None,
-        "height": None,
-        "bytes": None,
-        "checksum": None,
-        "error": {"type": "InvalidMapError", "message": "map is empty; expected h, w >= 1"},
-    }
-
-
-def test_a_timeout_failure_keeps_only_its_message() -> None:
-    error = CollectTimeoutError("2 of 3 map results still pending after 5 s", pending=2, total=3)
-    assert MapResult.from_failure("a", "cat", error).error == MapError(
-        "CollectTimeoutError", "2 of 3 map results still pending after 5 s"
-    )
-
-
-@pytest.mark.parametrize("error", [{"exc_type": "X"}, "boom", None, 3])
-def test_a_failure_that_is_not_an_exception_is_an_unknown_error_showing_its_repr(error: object) -> None:
-    result = MapResult.from_failure("a", None, error)
-    assert result.error == MapError("UnknownError", repr(error))
-    assert json.dumps(result.to_dict())
+def _load_script(name: str) -> Any:
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
