@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(
         f"224² float32 maps ({_DISTINCT_MAPS} distinct, cycled), batch {defaults.batch_size}, "
-        f"quantize {defaults.quantize}, one worker --concurrency 2, local storage, results in Redis\n",
+        "one worker --concurrency 2, local storage, results in Redis\n",
         flush=True,
     )
     maps = gradcam_maps(224, _DISTINCT_MAPS)

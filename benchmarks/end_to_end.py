@@ -10,17 +10,11 @@ pure       N / (render_png time per map), render_png timed in this process on th
            uint8 as the worker receives them, right before each run (the box is noisy): what N
            cores would do doing nothing but render.
 CPU ms/map from /proc: the worker's main process and its pool children (utime + stime, and the
-           children that exited), the redis-server, the S3 server, and this process (producer,
-           with its publisher process if any).
+           children that exited), the redis-server, the S3 server, and this process (producer).
            "of which main": Celery's main process (consumer, events, pool feeding), the rest is
            the pool. "render/worker CPU" = render time / worker CPU per map: the e2e/pure the
            worker would reach with its cores to itself (here producer and servers share them).
 RSS        worker main + pool children, sampled every 0.5 s.
-
-Maps go as the producer sends them by default (wire version 2: PNG scanlines the worker stores
-as they are); ``--wire-versions 1,2`` runs every configuration with version 1 too (the uint8 map,
-which the worker filters and deflates), one after the other, for a same-run comparison;
-``--publishers thread,process`` does the same for the producer's publisher.
 
 The row "batch 1" runs the first configuration again with one map per Celery message: the
 difference is Celery's per-message cost. The last run, 10,000 maps after a 1,000-map warm-up,
@@ -98,19 +92,6 @@ def worker_cpu_s(pid: int) -> tuple[float, float]:
     return main, reaped + sum(cpu_s(child) for child in children(pid))
 
 
-def publisher_process_cpu_s() -> float:
-    """CPU of this process's publisher process (ACTMAP_BACKGROUND_PUBLISHER=process), if any."""
-    total = 0.0
-    for child in children(os.getpid()):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as handle:
-                if b"producer.publisher_child" in handle.read():
-                    total += cpu_s(child)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
-
-
 def rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as handle:
@@ -162,13 +143,9 @@ class Config:
     batch_size: int
     maps: int
     label: str = ""
-    wire_version: int = 2
-    publisher: str = "thread"  # ACTMAP_BACKGROUND_PUBLISHER
 
     def name(self) -> str:
-        version = "" if self.wire_version == 2 else f", wire v{self.wire_version}"
-        publisher = "" if self.publisher == "thread" else f", publisher {self.publisher}"
-        return self.label or f"{self.storage}, {self.processes} proc{version}{publisher}"
+        return self.label or f"{self.storage}, {self.processes} proc"
 
 
 @dataclass
@@ -213,8 +190,6 @@ class Bench:
             "ACTMAP_QUEUE": f"bench-{index}",
             "ACTMAP_PNG_COMPRESS_LEVEL": str(self.level),
             "ACTMAP_BATCH_SIZE": str(config.batch_size),
-            "ACTMAP_WIRE_VERSION": str(config.wire_version),
-            "ACTMAP_BACKGROUND_PUBLISHER": config.publisher,
         }
         if config.storage == "local":
             env["ACTMAP_STORAGE_URL"] = (self.root / f"maps-{index}").as_uri()
@@ -258,12 +233,12 @@ class Bench:
                 rss_after_warmup = rss.now_mb()
                 redis_pid, s3_pid = self.redis.pid or 0, (self.s3.pid or 0) if self.s3 else 0
                 cpu0 = (workers_cpu_s(), cpu_s(redis_pid), cpu_s(s3_pid) if s3_pid else 0.0)
-                own0 = time.process_time() + publisher_process_cpu_s()
+                own0 = time.process_time()
                 started_mono = time.monotonic()
                 started = time.perf_counter()
                 failed = self._submit_and_collect(producer, f"run-{index}", config.maps)
                 seconds = time.perf_counter() - started
-                own = time.process_time() + publisher_process_cpu_s() - own0
+                own = time.process_time() - own0
                 cpu1 = (workers_cpu_s(), cpu_s(redis_pid), cpu_s(s3_pid) if s3_pid else 0.0)
                 rss_end = rss.now_mb()
             extra: dict[str, Any] = {}
@@ -332,16 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-storage", default="local", help="storage of the RSS run: local or s3")
     parser.add_argument("--level", type=int, default=None, help="PNG ISA-L level (default: actmap setting)")
     parser.add_argument(
-        "--wire-versions",
-        default="2",
-        help="map message versions to run, e.g. 1,2 to compare them in one run (default 2)",
-    )
-    parser.add_argument(
-        "--publishers",
-        default="thread",
-        help="producer publishers to run, e.g. thread,process to compare them in one run (default thread)",
-    )
-    parser.add_argument(
         "--pool",
         default="prefork",
         help="prefork (default: one worker, --concurrency N) or solo (N workers, --pool solo)",
@@ -353,14 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     batch = defaults.batch_size
     processes = [int(p) for p in args.processes.split(",") if p]
     storages = [s for s in args.storage.split(",") if s]
-    versions = [int(v) for v in args.wire_versions.split(",") if v]
-    publishers = [p for p in args.publishers.split(",") if p]
     args.memory = args.memory and args.memory_maps > 0
     began = time.perf_counter()
     print(f"machine: {machine()}")
     print(
         f"224² float32 maps ({_DISTINCT_MAPS} distinct, cycled), ACTMAP_BATCH_SIZE {batch}, "
-        f"ACTMAP_PNG_COMPRESS_LEVEL {level}, wire level {defaults.wire_compress_level}, "
+        f"ACTMAP_PNG_COMPRESS_LEVEL {level}, "
         f"upload threads {getattr(defaults, 'upload_threads', '-')}, {args.maps} maps per run, "
         f"pool {args.pool}\n",
         flush=True,
@@ -375,12 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(Path(tmp), redis, s3, level, maps, args.pool)
         for storage in storages:
             for count in processes:
-                for version, publisher in itertools.product(versions, publishers):
-                    config = Config(
-                        storage, count, batch, args.maps, wire_version=version, publisher=publisher
-                    )
-                    outcomes.append(bench.run(config))
-                    _progress(outcomes[-1])
+                outcomes.append(bench.run(Config(storage, count, batch, args.maps)))
+                _progress(outcomes[-1])
         if not args.no_batch_1:
             first = Config(storages[0], processes[0], 1, max(200, args.maps // 2))
             first.label = f"{first.name()}, batch 1"

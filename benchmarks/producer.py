@@ -1,10 +1,9 @@
 """What the GPU loop pays per map: ``python -m benchmarks.producer``.
 
 Blocking time of ``submit`` at an offered load (a GPU's pace), with the background
-publisher in a thread (the default) or in a process of its own, and with synchronous
-publishing — a plain Celery ``send_task`` of the same packed map per call — measured in
-the same run against a private Redis on loopback; per-map time of ``submit_many``; bytes
-per map in the broker.
+publisher thread (the default) and with synchronous publishing — a plain Celery
+``send_task`` of the same packed map per call — measured in the same run against a private
+Redis on loopback; per-map time of ``submit_many``; bytes per map in the broker.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ _NATIVE = np.random.default_rng(1).random((96, 96), dtype=np.float32)
 
 
 THREAD = "submit, publisher thread"
-PROCESS = "submit, publisher process"
 PLAIN = "plain Celery send_task per map"
 
 
@@ -105,22 +103,14 @@ def main() -> None:
         figures: dict[str, tuple[float, float, float]] = {}
         for what, rate, between in [
             (THREAD, 200.0, "idle"),
-            (PROCESS, 200.0, "idle"),
             (PLAIN, 200.0, "idle"),
             (THREAD, 200.0, "python"),
-            (PROCESS, 200.0, "python"),
             (PLAIN, 200.0, "python"),
             (THREAD, 200.0, "native"),
-            (PROCESS, 200.0, "native"),
             (PLAIN, 200.0, "native"),
             (THREAD, 2000.0, "python"),
-            (PROCESS, 2000.0, "python"),
         ]:
-            settings = Settings(
-                **base,
-                background_publish=what != PLAIN,
-                background_publisher="process" if what == PROCESS else "thread",
-            )
+            settings = Settings(**base, background_publish=what != PLAIN)
             with Producer(settings) as producer:
                 paced_submits(producer, maps, 100, rate)  # warm up connections and caches
                 producer.flush()
@@ -145,10 +135,6 @@ def main() -> None:
             submit_many_ms = (time.perf_counter() - t0) * 1e3 / args.maps
             producer.flush()
             flushed_ms = (time.perf_counter() - t0) * 1e3 / args.maps
-        redis_server.client(0).delete("actmap")
-        with Producer(Settings(**base, quantize=False, background_publish=False)) as producer:
-            producer.submit("raw", maps[0])
-            raw_wire = broker_bytes_per_map(redis_server, "actmap", 1)
 
     print(f"\nproducer, {args.size}x{args.size} float32 maps, {args.maps} per run, Redis on loopback\n")
     print(f"| {'per submit call (ms)':<78} | {'p50':>6} | {'p99':>6} | {'max':>6} |")
@@ -157,19 +143,14 @@ def main() -> None:
         print(f"| {label:<78} | {p50:6.3f} | {p99:6.3f} | {worst:6.2f} |")
     for between in BETWEEN.values():
         plain = figures[f"{PLAIN} @ 200/s, loop {between}"][0]
-        for what in (THREAD, PROCESS):
-            background = figures[f"{what} @ 200/s, loop {between}"][0]
-            rows.append(
-                (
-                    f"plain send_task p50 / submit p50 ({what}) @ 200/s, loop {between}",
-                    f"{plain / background:.1f}x",
-                )
-            )
+        background = figures[f"{THREAD} @ 200/s, loop {between}"][0]
+        rows.append(
+            (f"plain send_task p50 / submit p50 @ 200/s, loop {between}", f"{plain / background:.1f}x")
+        )
     rows += [
         ("submit_many, ms per map (returns)", f"{submit_many_ms:.3f}"),
         ("submit_many, ms per map (until all published)", f"{flushed_ms:.3f}"),
         *((f"quantize alone (to_intensities), {kind}, ms", f"{ms:.3f}") for kind, ms in quantize_ms.items()),
-        ("broker bytes per map, unquantized float32", f"{raw_wire:,.0f}"),
     ]
     print()
     for label, value in rows:

@@ -9,11 +9,12 @@ Per map, on the same Grad-CAM-like float32 maps at 224², 512² and 1024²:
 (b) what a careful user would write by hand: a 256-entry RGBA LUT (Kolena's colours), ``lut[map]``
     to an RGBA array, Pillow's default PNG save of that RGBA image;
 (c) actmap's ``worker.render.render_png`` (Sub filter, ISA-L deflate) on the float32 map, and on
-    the uint8 map the worker gets (the producer quantizes before sending);
+    the uint8 map the producer quantizes it to (the producer's Sub filter and deflate and the
+    worker's ``png_from_scanlines`` between them make this same PNG);
 floor: the deflate alone, with the same library and level (``isal_zlib.compress`` at the PNG level),
     on the very bytes actmap deflates (the PNG's filtered scanlines, read back from its IDAT);
-zlib 1: for reference, the same PNG deflated by zlib at level 1 (render_png before ISA-L), whole
-    from uint8 and its deflate alone (the old floor), so the gain shows.
+zlib 1: for comparison, the same PNG with its IDAT deflated by zlib at level 1, whole from uint8,
+    and that deflate alone.
 
 The level is the one actmap uses (``ACTMAP_PNG_COMPRESS_LEVEL``, else the setting's default), or
 ``--level``: an ISA-L level, 0-3. A second table gives, at 224² and 512², ms and bytes of every
@@ -41,8 +42,8 @@ from PIL import Image
 
 from benchmarks.common import gradcam_maps, machine, median_ms_per_item, png_idat, table
 from producer.intensity import to_intensities
-from producer.scanlines import Scanlines, sub_filtered
 from producer.settings import Settings
+from producer.wire import Scanlines, sub_filtered
 from worker import render
 from worker.render import colorize, render_png
 
@@ -85,7 +86,7 @@ def handrolled_png(activation_map: npt.NDArray[np.float32], table: npt.NDArray[n
 
 
 def pillow_palette_png(intensities: npt.NDArray[np.uint8], table: npt.NDArray[np.uint8], level: int) -> bytes:
-    """The encoder render_png used before: Pillow's palette PNG (filter type 0 on every row)."""
+    """Pillow's palette PNG of the uint8 map (filter type 0 on every row: Pillow never filters them)."""
     height, width = intensities.shape
     image = Image.frombuffer("P", (width, height), intensities, "raw", "P", 0, 1)
     image.putpalette(table.tobytes(), "RGBA")
@@ -95,7 +96,7 @@ def pillow_palette_png(intensities: npt.NDArray[np.uint8], table: npt.NDArray[np
 
 
 def zlib_render_png(activation_map: npt.NDArray[np.generic], level: int = 1) -> bytes:
-    """render_png as it was before ISA-L: the same chunks and Sub filter, the IDAT deflated by zlib."""
+    """render_png's PNG, the same chunks and Sub filter, with its IDAT deflated by zlib at ``level``."""
     rows = sub_filtered(to_intensities(activation_map))
     return render._png(Scanlines(rows, zlib.compress(rows.data, level)), render._palette_chunks("jet", True))
 
@@ -232,10 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print(
-        "(c) takes the float32 map like (a) and (b); '(c) uint8 in' takes the quantized map a worker "
-        "receives.\nfloor = isal_zlib.compress of the PNG's filtered scanlines (filter byte + row) "
-        f"at the same level ({level}).\nzlib-1 = the same PNG with its IDAT deflated by zlib level 1 "
-        "(render_png before ISA-L), from uint8; its floor is zlib.compress(scanlines, 1)."
+        "(c) takes the float32 map like (a) and (b); '(c) uint8 in' takes the map as the producer "
+        "quantizes it.\nfloor = isal_zlib.compress of the PNG's filtered scanlines (filter byte + row) "
+        f"at the same level ({level}).\nzlib-1 = the same PNG with its IDAT deflated by zlib level 1, "
+        "from uint8; its floor is zlib.compress(scanlines, 1)."
     )
     if TARGETS_AT in summary:
         _print_targets(summary[TARGETS_AT])
@@ -269,13 +270,13 @@ def _print_targets(row: dict[str, object]) -> None:
     z_ms, c_u8_ms, z_bytes = row["z_u8_ms"], row["c_u8_ms"], row["z_bytes"]
     assert isinstance(z_ms, float) and isinstance(c_u8_ms, float) and isinstance(z_bytes, float)
     print(
-        f"  against zlib level 1 (before ISA-L), from uint8: {z_ms / c_u8_ms:.2f}x faster, "
+        f"  against zlib level 1, from uint8: {z_ms / c_u8_ms:.2f}x faster, "
         f"{c_bytes:,.0f} vs {z_bytes:,.0f} B ({c_bytes / z_bytes - 1:+.1%})"
     )
 
 
 def _print_levels(size: int, jet: npt.NDArray[np.uint8], repeats: float) -> None:
-    """ISA-L levels 0-3 of render_png against the zlib-deflated PNGs it replaced, on the same maps."""
+    """ISA-L levels 0-3 of render_png against the same PNG deflated by zlib, and Pillow's palette PNG."""
     from worker.colormaps import lut
 
     count, rounds = _PLAN[size]
@@ -320,12 +321,12 @@ def _print_levels(size: int, jet: npt.NDArray[np.uint8], repeats: float) -> None
     pillow_ms = times["Pillow-P, zlib 1"]
     rows.append(["Pillow-P, zlib 1", pillow_ms, pillow_bytes, "-", "-", f"{reference / pillow_ms:.2f}x"])
     print(
-        f"\nlevels at {size}² (uint8 maps as the worker gets them; ms per map, medians; PNG bytes, medians)"
+        f"\nlevels at {size}² (uint8 maps, as the producer quantizes them; ms per map and PNG bytes, medians)"
     )
     print(table(["encoder", "ms", "PNG bytes", "deflate alone ms", "ms/deflate", "speed vs zlib 1"], rows))
     print(
-        "actmap = render_png (Sub filter on every row, deflated by ISA-L); same PNG, zlib = render_png "
-        "before ISA-L;\nPillow-P = Pillow's palette PNG (no filter), the encoder before that. "
+        "actmap = render_png (Sub filter on every row, deflated by ISA-L); same PNG, zlib = its IDAT "
+        "deflated by zlib;\nPillow-P = Pillow's palette PNG (no filter). "
         f"(b) at level 6 with adaptive filters: {b_bytes:,.0f} B."
     )
 

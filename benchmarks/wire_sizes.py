@@ -1,28 +1,23 @@
-"""Bytes per map on the wire and in Redis: ``python -m benchmarks.wire_sizes`` (about 45 s).
+"""Bytes per map on the wire and in Redis: ``python -m benchmarks.wire_sizes`` (about 30 s).
 
 For Grad-CAM-like maps (benchmarks.common.gradcam_map) of 224², 512² and 1024², given to the
-producer as float32, float16 or uint8, in one run:
+producer as float32, float16 or uint8 (floats are quantized to rint(x*255) uint8), in one run:
 
-  packed   the map message as ``encode_map`` packs it in version 1 (msgpack), per map
-  v1 ISA-L 2  the same after ``compress_map`` (ISA-L deflate at ``wire_compress_level``, 2), what
-           the task carries with ``wire_version`` 1
-  sent     what ``pack_map`` makes with the default settings, what the task carries: version 2
-           (the map as PNG scanlines, Sub-filtered, deflated at ``png_compress_level``) for
-           uint8 maps, version 1 as above for floats sent unquantized
+  packed   the map message as ``encode_map`` packs it at ``png_compress_level`` (msgpack; the
+           map as Sub-filtered PNG scanlines deflated by ISA-L): what the task carries, per map
   Redis    what kombu's Redis transport stores (base64 body in a JSON envelope): maps published
            with ``Producer.submit_many`` (``batch_size`` 32, synchronous) to a private
            redis-server, then the queue list read back with LRANGE; total bytes / maps
 
-each with the producer's default (``quantize``: floats sent as rint(x*255) uint8) and with
-``quantize=False`` (the float bytes themselves on the wire). Then, per size: the PNG a worker
-stores (render_png at ISA-L ``png_compress_level``), one map's result as the worker stores it in the
+Then, per size: the PNG a worker stores (png_from_scanlines of the decoded message, the same
+bytes as render_png at ``png_compress_level``), one map's result as the worker stores it in the
 result backend (``MEMORY USAGE`` and ``STRLEN`` of its key, written by ResultStore with expiry),
-and the worker CPU of decoding and rendering one map (thread CPU time, median): a version 1
-message (decode_map, render_png) and a version 2 one (decode_map, png_from_scanlines). Last, the batch
-sizes the background publisher forms at a GPU's pace (200 maps/s, 224²) and their bytes per map,
-and the Redis commands per map through a real worker (``actmap worker``, one process, local
-storage; INFO commandstats and redis-server CPU over 2,048 maps) at batch 32 and batch 8.
-Everything on 127.0.0.1; ``docs/capacity.md`` turns these figures into sizing.
+and the worker CPU of decoding and rendering one map (thread CPU time, median: decode_map, then
+png_from_scanlines). Last, the batch sizes the background publisher forms at a GPU's pace
+(200 and 1,000 maps/s, 224²) and their bytes per map, and the Redis commands per map through a real worker
+(``actmap worker``, one process, local storage; INFO commandstats and redis-server CPU over
+2,048 maps) at batch 32 and batch 8. Everything on 127.0.0.1; ``docs/capacity.md`` turns these
+figures into sizing.
 """
 
 from __future__ import annotations
@@ -42,7 +37,7 @@ from producer.celery_config import make_celery
 from producer.intensity import to_intensities
 from producer.keys import result_id
 from producer.results import success_result
-from producer.wire import MapMessage, compress_map, decode_map, encode_map, pack_map
+from producer.wire import MapMessage, decode_map, encode_map
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
 from worker.render import png_from_scanlines, render_png
@@ -189,75 +184,52 @@ def main(argv: list[str] | None = None) -> int:
             "broker_url": redis_server.url(0),
             "result_backend": redis_server.url(1),
             "background_publish": False,
-            "redeliver_lost": False,
+            "redeliver_buffer_mb": 0,
         }
         defaults = Settings(**base)
-        level = defaults.wire_compress_level
+        level = defaults.png_compress_level
         for size in SIZES:
             maps = gradcam_maps(size, args.maps)
             for dtype in DTYPES:
                 inputs = as_input(maps, dtype)
-                for quantize in (True, False) if dtype != "uint8" else (True,):
-                    arrays = [to_intensities(m) if quantize else m for m in inputs]
-                    packed = [
-                        encode_map(MapMessage("run", f"val/img-{i:06d}", None, a))
-                        for i, a in enumerate(arrays)
+                packed = [
+                    encode_map(MapMessage("run", f"val/img-{i:06d}", None, to_intensities(m)), level=level)
+                    for i, m in enumerate(inputs)
+                ]
+                in_redis, messages = redis_bytes_per_map(redis_server, defaults, inputs)
+                wire_rows.append(
+                    [
+                        f"{size}²",
+                        dtype,
+                        inputs[0].nbytes,
+                        statistics.fmean(map(len, packed)),
+                        in_redis,
+                        f"{in_redis / maps[0].nbytes:.1%}",
+                        f"{len(maps) / messages:.0f}",
                     ]
-                    zipped = [compress_map(p, level) for p in packed]
-                    sent = [
-                        pack_map(
-                            MapMessage("run", f"val/img-{i:06d}", None, a),
-                            version=defaults.wire_version,
-                            png_level=defaults.png_compress_level,
-                            compress_level=level,
-                        )
-                        for i, a in enumerate(arrays)
-                    ]
-                    in_redis, messages = redis_bytes_per_map(
-                        redis_server, Settings(**base, quantize=quantize), inputs
-                    )
-                    wire_rows.append(
-                        [
-                            f"{size}²",
-                            dtype,
-                            "uint8" if quantize else dtype,
-                            inputs[0].nbytes,
-                            statistics.fmean(map(len, packed)),
-                            statistics.fmean(map(len, zipped)),
-                            statistics.fmean(map(len, sent)),
-                            in_redis,
-                            f"{in_redis / maps[0].nbytes:.1%}",
-                            f"{len(maps) / messages:.0f}",
-                        ]
-                    )
+                )
             intensities = [to_intensities(m) for m in maps]
-            pngs = [render_png(a, compress_level=defaults.png_compress_level) for a in intensities]
+            payloads = [
+                encode_map(MapMessage("run", f"val/img-{i:06d}", None, a), level=level)
+                for i, a in enumerate(intensities)
+            ]
+            decode_ms: list[float] = []
+            png_ms: list[float] = []
+            pngs: list[bytes] = []
+            for payload in payloads * 3:
+                t0 = time.thread_time()
+                message = decode_map(
+                    payload, max_pixels=defaults.max_pixels, max_message_bytes=defaults.max_message_bytes
+                )
+                t1 = time.thread_time()
+                png = png_from_scanlines(message.scanlines, message.colormap, message.fade_low_activation)
+                decode_ms.append((t1 - t0) * 1e3)
+                png_ms.append((time.thread_time() - t1) * 1e3)
+                pngs.append(png)
+            pngs = pngs[: len(payloads)]
+            assert pngs[0] == render_png(intensities[0], compress_level=level), "not render_png's PNG"
             png_mean = statistics.fmean(map(len, pngs))
             usage, length, bulk = result_memory(redis_server, defaults, size, round(png_mean))
-            worker_ms: dict[int, tuple[list[float], list[float]]] = {}
-            for version in (1, 2):
-                payloads = [
-                    pack_map(
-                        MapMessage("run", f"val/img-{i:06d}", None, a),
-                        version=version,
-                        png_level=defaults.png_compress_level,
-                        compress_level=level,
-                    )
-                    for i, a in enumerate(intensities)
-                ]
-                decode_ms, render_ms = worker_ms.setdefault(version, ([], []))
-                for payload in payloads * 3:
-                    t0 = time.thread_time()
-                    message = decode_map(
-                        payload, max_pixels=defaults.max_pixels, max_message_bytes=defaults.max_message_bytes
-                    )
-                    t1 = time.thread_time()
-                    if isinstance(message.array, np.ndarray):
-                        render_png(message.array, compress_level=defaults.png_compress_level)
-                    else:
-                        png_from_scanlines(message.array)
-                    decode_ms.append((t1 - t0) * 1e3)
-                    render_ms.append((time.thread_time() - t1) * 1e3)
             size_rows.append(
                 [
                     f"{size}²",
@@ -266,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                     max(map(len, pngs)),
                     usage,
                     length,
-                    *(statistics.median(ms) for version in (1, 2) for ms in worker_ms[version]),
+                    statistics.median(decode_ms),
+                    statistics.median(png_ms),
                     bulk,
                 ]
             )
@@ -286,29 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     print(
-        f"\nbytes per map on the wire, Grad-CAM-like maps, wire ISA-L level {level}, "
-        f"batch {defaults.batch_size}\n"
+        f"\nbytes per map on the wire, Grad-CAM-like maps, ISA-L level {level}, batch {defaults.batch_size}\n"
     )
     print(
         table(
-            [
-                "size",
-                "input",
-                "on wire",
-                "input bytes",
-                "packed",
-                f"v1 ISA-L {level}",
-                f"sent (v{defaults.wire_version})",
-                "Redis list",
-                "Redis/float32",
-                "maps/msg",
-            ],
+            ["size", "input", "input bytes", "packed", "Redis list", "Redis/float32", "maps/msg"],
             wire_rows,
         )
     )
-    print(
-        f"\nper map, by size (PNG ISA-L level {defaults.png_compress_level}; result written by ResultStore)\n"
-    )
+    print(f"\nper map, by size (PNG ISA-L level {level}; result written by ResultStore)\n")
     print(
         table(
             [
@@ -318,16 +277,14 @@ def main(argv: list[str] | None = None) -> int:
                 "PNG max",
                 "result MEMORY USAGE",
                 "result STRLEN",
-                "v1 decode cpu ms",
-                "v1 render cpu ms",
-                "v2 decode cpu ms",
-                "v2 PNG cpu ms",
+                "decode cpu ms",
+                "PNG cpu ms",
                 "used_memory/result",
             ],
             size_rows,
         )
     )
-    print("\nbatches the background publisher forms (224², quantized, submit() at a steady pace)\n")
+    print("\nbatches the background publisher forms (224² float32, submit() at a steady pace)\n")
     print(table(["load", "linger s", "maps per message", "Redis bytes/map"], batch_rows))
     print(f"\nRedis commands per map, one worker process, {args.command_maps} maps of 224², local storage\n")
     names = sorted(

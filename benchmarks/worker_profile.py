@@ -1,21 +1,19 @@
 """Where a worker's time goes per map: ``python -m benchmarks.worker_profile`` (about 30 s).
 
 In this process, on 224² Grad-CAM-like maps packed exactly as the producer sends them
-(``pack_map``: by default wire version 2, the map as Sub-filtered PNG scanlines deflated at
-``png_compress_level``; ``ACTMAP_WIRE_VERSION=1``: msgpack of the uint8 map, ISA-L deflate at
-``wire_compress_level``), each stage of a worker's per-map work is timed on
-its own, wall clock and CPU time of the calling thread, map after map (stages interleaved):
+(``encode_map``: the map as Sub-filtered PNG scanlines deflated at ``png_compress_level``),
+each stage of a worker's per-map work is timed on its own, wall clock and CPU time of the
+calling thread, map after map (stages interleaved):
 
-  decode   decode_map: inflate, msgpack, validation; result id and object key
-  render   version 2: png_from_scanlines (the chunks around the IDAT the producer deflated);
-           version 1: render_png at ``png_compress_level`` (ISA-L)
+  decode   decode_map: msgpack, inflate of the scanlines, checks; result id and object key
+  render   png_from_scanlines: the PNG's chunks around the IDAT the producer deflated
   store    FileStorage.put into a temporary folder, and S3Storage.put (boto3) and
            ObstoreS3Storage.put (ACTMAP_S3_CLIENT=obstore) to a private SeaweedFS
   log      the INFO line per map of ACTMAP_LOG_EACH_MAP, through Celery's worker logging to a file
   metrics  the Prometheus updates pipeline and task make per map (in memory: no --metrics-port)
-  result   ResultStore.succeeded (one SET) and Celery's backend.mark_as_done (GET, then SET +
-           PUBLISH), on a private redis-server; and, for comparison, one pipelined round trip of
-           SETs per batch of ``batch_size`` maps
+  result   ResultStore.succeeded (SETs with expiry, pipelined: a round trip per 16 maps or 20 ms)
+           and Celery's backend.mark_as_done (GET, then SET + PUBLISH), on a private redis-server;
+           and, for comparison, one pipelined round trip of SETs per batch of ``batch_size`` maps
 
 then the whole ``Pipeline.process_batch`` per batch (render + upload threads), per map. Celery's
 per-message cost is not in here: ``benchmarks.end_to_end`` measures it (batch 1 vs batch 32).
@@ -33,28 +31,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import gradcam_maps, machine, table
 from producer.celery_config import make_celery
 from producer.intensity import to_intensities
 from producer.keys import object_key, result_id
 from producer.results import success_result
-from producer.scanlines import Scanlines
 from producer.settings import Settings
-from producer.wire import MapMessage, decode_map, pack_map
+from producer.wire import MapMessage, Scanlines, decode_map, encode_map
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedS3
+from worker import metrics
 from worker.pipeline import Done, Pipeline
-from worker.render import png_from_scanlines, render_png
+from worker.render import png_from_scanlines
+from worker.result_store import ResultStore
 from worker.storage import FileStorage, S3Storage, StorageLocation, open_storage
 
 log = logging.getLogger("actmap.worker")  # the pipeline's logger
-
-try:
-    from worker import metrics
-except ImportError:  # a worker without metrics
-    metrics = None  # type: ignore[assignment]
 
 
 class Stage:
@@ -83,23 +75,15 @@ class Stage:
 
 
 def packed_maps(settings: Settings, run_id: str, count: int, distinct: int) -> list[bytes]:
-    """``count`` map messages as the producer sends them: quantized, then ``pack_map``."""
+    """``count`` map messages as the producer sends them: quantized, then ``encode_map``."""
     arrays = [to_intensities(m) for m in gradcam_maps(224, distinct)]
     return [
-        pack_map(
+        encode_map(
             MapMessage(run_id, f"profile/{i:06d}", None, arrays[i % distinct]),
-            version=settings.wire_version,
-            png_level=settings.png_compress_level,
-            compress_level=settings.wire_compress_level,
+            level=settings.png_compress_level,
         )
         for i in range(count)
     ]
-
-
-def _png(settings: Settings, array: np.ndarray | Scanlines) -> bytes:
-    if isinstance(array, Scanlines):
-        return png_from_scanlines(array)
-    return render_png(array, compress_level=settings.png_compress_level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             loglevel=logging.INFO, logfile=str(root / "worker.log"), colorize=False
         )
         backend: Any = app.backend
-        result_store = _result_store(backend)
+        result_store = ResultStore(backend)
         local = FileStorage(root / "maps")
         s3_server = None if args.no_s3 else SeaweedS3().start()
         try:
@@ -149,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
                 s3_lean = _s3_without_crc32(s3_settings, bucket)
             print(
                 f"224² maps, PNG level {settings.png_compress_level}, "
-                f"wire version {settings.wire_version}, wire level {settings.wire_compress_level}, "
                 f"batch {settings.batch_size}, {args.maps} maps per pass\n"
             )
             stages = _profile_stages(
@@ -169,18 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _result_store(backend: Any) -> Any:
-    try:
-        from worker.result_store import ResultStore
-    except ImportError:  # older worker: Celery's mark_as_done per map
-        return None
-    return ResultStore(backend)
-
-
 def _profile_stages(
     settings: Settings,
     backend: Any,
-    result_store: Any,
+    result_store: ResultStore,
     local: FileStorage,
     s3: StorageLocation | None,
     s3_obstore: StorageLocation | None,
@@ -190,13 +165,8 @@ def _profile_stages(
     run_id = f"profile-{os.getpid()}"
     payloads = packed_maps(settings, run_id, count, distinct=16)
     stages: dict[str, tuple[Stage, str]] = {
-        "decode": (Stage(), "inflate + msgpack + checks, result id, object key"),
-        "render": (
-            Stage(),
-            "png_from_scanlines"
-            if settings.wire_version == 2
-            else f"render_png, level {settings.png_compress_level}",
-        ),
+        "decode": (Stage(), "msgpack + inflate + checks, result id, object key"),
+        "render": (Stage(), "png_from_scanlines: IHDR, PLTE, tRNS and CRCs around the IDAT"),
         "store local": (Stage(), "FileStorage.put (tmp file, write, rename)"),
     }
     if s3 is not None:
@@ -206,10 +176,11 @@ def _profile_stages(
     if s3_lean is not None:
         stages["store S3, no CRC32"] = (Stage(), "same, boto3 request_checksum_calculation=when_required")
     stages["log"] = (Stage(), "ACTMAP_LOG_EACH_MAP's INFO line per map, Celery's handler, to a file")
-    if metrics is not None:
-        stages["metrics"] = (Stage(), "worker.metrics per map: 3 histogram observations, 2 counters")
-    if result_store is not None:
-        stages["result: ResultStore"] = (Stage(), "worker.result_store: one SET with expiry")
+    stages["metrics"] = (Stage(), "worker.metrics per map: 3 histogram observations, 2 counters")
+    stages["result: ResultStore"] = (
+        Stage(),
+        "worker.result_store: SETs with expiry, a round trip per 16 maps or 20 ms",
+    )
     stages["result: mark_as_done"] = (Stage(), "Celery's path: GET, then SETEX + PUBLISH")
     stages["result: pipelined/batch"] = (Stage(), f"one round trip of {settings.batch_size} SETs, per map")
 
@@ -217,8 +188,8 @@ def _profile_stages(
     client = backend.client
     for index, payload in enumerate(payloads):
         message = stages["decode"][0].time(lambda payload=payload: _decode(settings, payload))
-        rid, key, array = message
-        png = stages["render"][0].time(lambda array=array: _png(settings, array))
+        rid, key, scanlines = message
+        png = stages["render"][0].time(lambda scanlines=scanlines: png_from_scanlines(scanlines))
         stored = stages["store local"][0].time(lambda key=key, png=png: local.put(key, png))
         if s3 is not None:
             s3_key = object_key(s3.prefix, f"profile/{index:06d}")
@@ -240,8 +211,7 @@ def _profile_stages(
                 extra={"image_id": f"profile/{index:06d}", "map_name": None, "result_id": rid},
             )
         )
-        if metrics is not None:
-            stages["metrics"][0].time(_metrics_per_map)
+        stages["metrics"][0].time(_metrics_per_map)
         result = success_result(
             image_id=f"profile/{index:06d}",
             name=None,
@@ -251,8 +221,7 @@ def _profile_stages(
             size=stored.size,
             checksum=stored.checksum,
         )
-        if result_store is not None:
-            stages["result: ResultStore"][0].time(lambda rid=rid, r=result: result_store.succeeded(rid, r))
+        stages["result: ResultStore"][0].time(lambda rid=rid, r=result: result_store.succeeded(rid, r))
         stages["result: mark_as_done"][0].time(lambda rid=rid, r=result: backend.mark_as_done(rid + "-m", r))
         pending.append((rid + "-p", result))
         if len(pending) == settings.batch_size or index == len(payloads) - 1:
@@ -266,8 +235,7 @@ def _profile_stages(
 
 
 def _metrics_per_map() -> None:
-    """What pipeline and task record per map, as of this writing (no --metrics-port: in memory)."""
-    assert metrics is not None
+    """What pipeline and task record per map (no --metrics-port: in memory)."""
     metrics.IN_FLIGHT.inc(1)
     metrics.STAGE_SECONDS.labels("render").observe(0.0003)
     metrics.STAGE_SECONDS.labels("store").observe(0.0002)
@@ -293,12 +261,12 @@ def _s3_without_crc32(settings: Settings, bucket: str) -> S3Storage:
     return S3Storage(client, bucket)
 
 
-def _decode(settings: Settings, payload: bytes) -> tuple[str, str, np.ndarray | Scanlines]:
+def _decode(settings: Settings, payload: bytes) -> tuple[str, str, Scanlines]:
     message = decode_map(
         payload, max_pixels=settings.max_pixels, max_message_bytes=settings.max_message_bytes
     )
     rid = result_id(message.run_id, message.image_id, message.name)
-    return rid, object_key("", message.image_id, message.name), message.array
+    return rid, object_key("", message.image_id, message.name), message.scanlines
 
 
 def _pipelined_set(backend: Any, client: Any, batch: list[tuple[str, dict[str, Any]]]) -> None:
