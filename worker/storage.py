@@ -194,7 +194,7 @@ class S3Storage:
 
 class ObstoreS3Storage:
     """An S3 bucket through obstore (Rust's object_store crate): the same PUT as ``S3Storage``
-    for about a sixth of boto3's CPU (``ACTMAP_S3_CLIENT=obstore``).
+    for a fraction of boto3's CPU (``ACTMAP_S3_CLIENT=obstore``; docs/performance.md).
 
     Credentials still come from boto3's chain (obstore's boto3 credential provider). Every PUT
     carries x-amz-checksum-sha256, so a body corrupted on the way is refused (BadDigest) rather
