@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from producer.celery_config import make_celery
 from producer.settings import Settings
-from worker import redis_restart_guard
+from worker import kombu_patches
 
-redis_restart_guard.install()
+kombu_patches.install()
 
 settings = Settings()
 app = make_celery(settings, "actmap")

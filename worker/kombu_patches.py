@@ -1,20 +1,25 @@
-"""Keep a worker alive when Redis restarts under it (kombu 5.7's Redis transport).
+"""Patches of kombu's Redis transport ``QoS`` that keep a worker alive when Redis restarts under it.
 
-When the connection drops, Celery closes the channel, and with it the channel's hold on the
-messages it delivered. Two things then reach kombu over the connection that is gone, and each
-raises where Celery's handler does not expect it, so the worker exits:
+Written for kombu 5.7 and celery 5.7, the releases pyproject.toml allows. When the connection drops,
+Celery closes the channel the worker's messages came on. kombu then reaches Redis through that
+closed channel, where ``Channel._connparams`` raises an ``AttributeError`` that Celery's handlers do
+not expect, and the worker exits (https://github.com/celery/kombu/issues/970 reports the
+``restore_unacked`` one, met at shutdown). Each patch catches that failure, logs it and leaves the
+message to the visibility sweep:
 
-* At once, kombu tries to hand the worker's unacknowledged messages straight back to the
-  queue (``'NoneType' object has no attribute 'hostname'``).
-* Later, a task that was running meanwhile finishes, and its message is acknowledged (or
-  rejected) on the closed channel (``'NoneType' object has no attribute 'client'``).
-  ``Message.ack_log_error`` only catches connection and channel errors.
+* ``QoS.restore_unacked``, run as the channel closes, hands the worker's unacknowledged messages
+  back to the queue (``'NoneType' object has no attribute 'hostname'``).
+* ``QoS.ack``: a task that was running meanwhile finishes and its message is acknowledged on the
+  closed channel (``'NoneType' object has no attribute 'client'``); ``Message.ack_log_error`` only
+  catches connection and channel errors.
+* ``QoS.reject``: a pool process dies meanwhile and Celery requeues its message on the closed
+  channel (the same error; ``Message.reject_log_error`` catches no more).
 
-Neither needs doing at that moment: those messages are still recorded as unacknowledged in
-Redis, and the visibility sweep of the reconnected workers redelivers them (a finished task's
-maps are then written again: same keys, same bytes, and a success result is never overwritten
-by a failure). So the failed hand-back, acknowledgement or rejection is logged and left to the
-sweep.
+This is safe because those messages are still recorded as unacknowledged in Redis, and the visibility
+sweep of the reconnected workers redelivers them: a finished task's maps are written again (same
+keys, same bytes, and a success result is never overwritten by a failure). The ``ack`` and
+``reject`` patches let an ``AttributeError`` through unless the channel's connection is gone.
+tests/reliability/test_redis_restart_in_flight.py fails without any one of them.
 """
 
 from __future__ import annotations
