@@ -5,7 +5,7 @@ One worker holds one message of a few maps whose S3 PUTs the fault proxy stalls 
 worker's connection drops and Celery closes the channel the message came on. Then either the task
 finishes and its message is acknowledged on that closed channel, or its pool process is SIGKILLed
 and Celery rejects (requeues) the message on it. kombu 5.7 can do neither (``'NoneType' object has
-no attribute 'client'``); without worker.kombu_patches the worker exits. The message is still
+no attribute 'client'``); without worker.redis_restart_guard the worker exits. The message is still
 unacknowledged in Redis, so the visibility sweep of the reconnected worker redelivers it, and its
 maps are written (by the finished task, a second time) with the same bytes.
 """
