@@ -39,9 +39,9 @@ def run(tree: Path, module: str, *args: str) -> subprocess.CompletedProcess[str]
     return done
 
 
-def end_to_end(tree: Path, maps: int) -> dict[str, tuple[float, float]]:
+def end_to_end(tree: Path, maps: int, storage: str) -> dict[str, tuple[float, float]]:
     """maps/s and worker CPU ms/map per configuration, from the benchmark's progress lines."""
-    done = run(tree, "benchmarks.end_to_end", "--storage", "local,s3", "--processes", "1,2",
+    done = run(tree, "benchmarks.end_to_end", "--storage", storage, "--processes", "1,2",
                "--maps", str(maps), "--no-batch-1", "--no-memory")  # fmt: skip
     figures = {}
     for line in done.stderr.splitlines():
@@ -67,6 +67,9 @@ def main() -> int:
     parser.add_argument("new")
     parser.add_argument("--maps", type=int, default=2000, help="maps per end-to-end configuration")
     parser.add_argument("--producer-maps", type=int, default=2000, help="maps per paced producer run")
+    parser.add_argument("--storage", default="local,s3", help="end-to-end storages (default local,s3)")
+    parser.add_argument("--rounds", type=int, default=1, help="times to run old new new old (default 1)")
+    parser.add_argument("--no-producer", action="store_true", help="skip the producer benchmark")
     args = parser.parse_args()
     e2e: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     rows: dict[str, dict[str, list[list[str]]]] = defaultdict(lambda: defaultdict(list))
@@ -75,19 +78,20 @@ def main() -> int:
             name: worktree(revision, Path(tmp)) for name, revision in (("old", args.old), ("new", args.new))
         }
         try:
-            for name in ("old", "new", "new", "old"):
+            for name in ("old", "new", "new", "old") * args.rounds:
                 print(f"== {name} ({getattr(args, name)})", file=sys.stderr, flush=True)
-                for config, figures in end_to_end(trees[name], args.maps).items():
+                for config, figures in end_to_end(trees[name], args.maps, args.storage).items():
                     e2e[config][name].append(figures)
                     print(f"  {config}: {figures[0]:.0f} maps/s, {figures[1]:.2f} ms/map", file=sys.stderr)
-                for label, cells in producer(trees[name], args.producer_maps).items():
-                    rows[label][name].append(cells)
+                if not args.no_producer:
+                    for label, cells in producer(trees[name], args.producer_maps).items():
+                        rows[label][name].append(cells)
         finally:
             for tree in trees.values():
                 subprocess.run(
                     ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
                 )
-    print(f"\nA/B, alternated old new new old: old {args.old}, new {args.new}\n")
+    print(f"\nA/B, alternated old new new old x{args.rounds}: old {args.old}, new {args.new}\n")
     print("| configuration | maps/s old | maps/s new | new/old | worker CPU ms/map old | new | new/old |")
     print("|---|---|---|---|---|---|---|")
     for config, runs in e2e.items():
@@ -100,6 +104,8 @@ def main() -> int:
             f"| {config} | {rates[0]} | {rates[1]} | {rate[1] / rate[0]:.2f} "
             f"| {cpus[0]} | {cpus[1]} | {cpu[1] / cpu[0]:.2f} |"
         )
+    if not rows:
+        return 0
     print("\n| producer row | old | new |")
     print("|---|---|---|")
     for label, runs in rows.items():

@@ -96,8 +96,9 @@ class Redelivery:
         self._idle_at_last_check = idle
         if not confirmed:
             return 0
+        result_ids = list(missing())  # reads the result backend: not under the lock keep waits on
         with self._lock:
-            lost = [self._payloads[rid] for rid in missing() if rid in self._payloads]
+            lost = [self._payloads[rid] for rid in result_ids if rid in self._payloads]
         if not lost:
             return 0
         log.warning(
