@@ -38,21 +38,26 @@ def unreachable_s3_stack(module_redis: RedisServer, tmp_path: Path, **env: str) 
     )
 
 
-def test_a_worker_given_a_storage_url_that_cannot_work_refuses_to_start_saying_why(
-    module_redis: RedisServer, tmp_path: Path
-) -> None:
-    env = {
+def refusal_to_start(module_redis: RedisServer, tmp_path: Path, **env: str) -> str:
+    """What a worker says as it refuses to start with ``env`` (broker and results in Redis)."""
+    base = {
         "ACTMAP_HOME": str(tmp_path / "home"),
         "ACTMAP_BROKER_URL": module_redis.url(2),
         "ACTMAP_RESULT_BACKEND": module_redis.url(3),
-        "ACTMAP_STORAGE_URL": "gs://bucket/maps",
     }
     with pytest.raises(RuntimeError, match="did not start") as raised:
-        WorkerProcess(env, tmp_path)
+        WorkerProcess({**base, **env}, tmp_path)
+    return str(raised.value)
+
+
+def test_a_worker_given_a_storage_url_that_cannot_work_refuses_to_start_saying_why(
+    module_redis: RedisServer, tmp_path: Path
+) -> None:
+    refusal = refusal_to_start(module_redis, tmp_path, ACTMAP_STORAGE_URL="gs://bucket/maps")
     assert (
         "actmap worker: storage URL 'gs://bucket/maps' has scheme 'gs'; expected s3://bucket/prefix or "
         "file:///dir"
-    ) in str(raised.value)
+    ) in refusal
 
 
 def test_a_worker_whose_visibility_timeout_leaves_no_time_to_work_refuses_to_start_saying_why(
@@ -61,21 +66,18 @@ def test_a_worker_whose_visibility_timeout_leaves_no_time_to_work_refuses_to_sta
     # Given a retry's wait (20 s) and the longest S3 PUT (3 x (2 + 5) + 2 + 4 = 27 s) that, with
     # the 5 s margin, leave a 50 s visibility timeout less than a second: the broker could hand
     # a map to a second worker while the first still works on it
-    env = {
-        "ACTMAP_HOME": str(tmp_path / "home"),
-        "ACTMAP_BROKER_URL": module_redis.url(2),
-        "ACTMAP_RESULT_BACKEND": module_redis.url(3),
-        "ACTMAP_STORAGE_URL": "s3://bucket/maps",
-        "ACTMAP_S3_ENDPOINT_URL": "http://127.0.0.1:1",
-        "ACTMAP_VISIBILITY_TIMEOUT_S": "50",
-    }
     # When a worker starts, then it stops at once, naming the settings
-    with pytest.raises(RuntimeError, match="did not start") as raised:
-        WorkerProcess(env, tmp_path)
+    refusal = refusal_to_start(
+        module_redis,
+        tmp_path,
+        ACTMAP_STORAGE_URL="s3://bucket/maps",
+        ACTMAP_S3_ENDPOINT_URL="http://127.0.0.1:1",
+        ACTMAP_VISIBILITY_TIMEOUT_S="50",
+    )
     assert (
         "actmap worker: ACTMAP_VISIBILITY_TIMEOUT_S (50) leaves no time to render: it must exceed "
         "ACTMAP_RETRY_BACKOFF_MAX_S (20) + the longest PUT (27 s"
-    ) in str(raised.value)
+    ) in refusal
 
 
 def test_maps_whose_task_fails_unexpectedly_are_retried_then_each_fails_with_that_error(
