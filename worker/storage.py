@@ -26,7 +26,7 @@ from worker.budget import longest_put_s
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from obstore.store import S3Config
+    from obstore.store import ClientConfig, S3Config
 
 _MAX_FOLDERS = 4096  # folders FileStorage remembers as resolved and made
 # FileStorage's temporary files: ".<name>.<pid>-<thread id>.tmp", beside the map they become
@@ -43,6 +43,14 @@ _PERMANENT_ERRNOS = frozenset(
 # Error codes retrying cannot fix: the bucket is missing or the credentials are refused.
 _PERMANENT_S3_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "NoSuchBucket", "InvalidBucketName", "SignatureDoesNotMatch"}
+)
+# A server certificate the client does not trust: a retry meets the same certificate and the same trust.
+# rustls's verdict, as obstore's error text gives it on a line of its own (a key holds no line break,
+# so a key naming it cannot match).
+_OBSTORE_UNTRUSTED = re.compile(r"^\s*error: InvalidCertificate\(\s*(\w+)", re.MULTILINE)
+_TRUST_EXPECTED = (
+    "expected a certificate signed by a CA of AWS_CA_BUNDLE (or ca_bundle in the AWS config file) "
+    "or of the system trust store"
 )
 
 
@@ -168,7 +176,7 @@ class S3Storage:
         return f"s3://{self.bucket}/{key}"
 
     def put(self, key: str, data: bytes) -> StoredObject:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
         checksum, content_md5 = _md5(data)
         extra = {"ServerSideEncryption": self.server_side_encryption} if self.server_side_encryption else {}
@@ -187,9 +195,19 @@ class S3Storage:
             if code in _PERMANENT_S3_CODES:
                 raise StorageRejectedError(message) from exc
             raise StorageError(message) from exc
+        except SSLError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise _untrusted(self.locator(key), str(exc)) from exc
+            raise StorageError(f"PUT {self.locator(key)} failed: {type(exc).__name__}: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"PUT {self.locator(key)} failed: {type(exc).__name__}: {exc}") from exc
         return StoredObject(self.locator(key), len(data), checksum)
+
+
+def _untrusted(locator: str, reason: str) -> StorageRejectedError:
+    return StorageRejectedError(
+        f"PUT {locator} refused: the S3 server's TLS certificate is not trusted ({reason}); {_TRUST_EXPECTED}"
+    )
 
 
 class ObstoreS3Storage:
@@ -222,6 +240,9 @@ class ObstoreS3Storage:
                 f"PUT {self.locator(key)} refused: {type(exc).__name__}: {exc}"
             ) from exc
         except BaseError as exc:
+            untrusted = _OBSTORE_UNTRUSTED.search(str(exc))
+            if untrusted:
+                raise _untrusted(self.locator(key), f"InvalidCertificate({untrusted.group(1)})") from exc
             message = f"PUT {self.locator(key)} failed: {type(exc).__name__}: {exc}"
             # The code as the server's XML error body gives it, not anywhere in the text: the
             # text also holds the URL, whose key may contain "AccessDenied".
@@ -270,6 +291,19 @@ def open_storage(settings: Settings) -> StorageLocation:
     return StorageLocation(storage, prefix)
 
 
+def check_ca_bundle(settings: Settings) -> None:
+    """ConfigError if the S3 clients would be given a CA bundle (AWS_CA_BUNDLE, or ca_bundle in
+    the AWS config file) they cannot use. A worker checks it as it starts: a PUT would fail on it
+    for every map, and a retry would fail the same way."""
+    if storage_url_parts(settings)[0] != "s3":
+        return
+    import botocore.session
+
+    ca_bundle = botocore.session.Session().get_config_variable("ca_bundle")
+    if ca_bundle:
+        _read_ca_bundle(ca_bundle)
+
+
 def make_s3_client(settings: Settings) -> S3Client:
     """A boto3 S3 client; credentials come from boto3's standard chain only."""
     import boto3
@@ -289,8 +323,10 @@ def make_s3_client(settings: Settings) -> S3Client:
 
 def make_obstore_store(settings: Settings, bucket: str) -> Any:
     """An obstore S3 store of ``bucket`` with the settings boto3's client gets: endpoint, region,
-    encryption, timeouts per attempt and attempts per PUT, with botocore's backoff between."""
+    encryption, timeouts per attempt and attempts per PUT, with botocore's backoff between, and
+    the CA bundle boto3 trusts (AWS_CA_BUNDLE, or ca_bundle in the AWS config file)."""
     import boto3
+    import botocore.session
 
     try:
         from obstore.auth.boto3 import Boto3CredentialProvider
@@ -301,7 +337,8 @@ def make_obstore_store(settings: Settings, bucket: str) -> Any:
             "extra (pip install 'actmap[obstore]') or ACTMAP_S3_CLIENT=boto3"
         ) from exc
 
-    session = boto3.Session(region_name=settings.s3_region)
+    core = botocore.session.Session()
+    session = boto3.Session(region_name=settings.s3_region, botocore_session=core)
     config: S3Config = {"region": settings.s3_region or session.region_name or "us-east-1"}
     if settings.s3_endpoint_url:
         # Under the key of AWS_ENDPOINT_URL_S3, which would otherwise win over "endpoint".
@@ -312,14 +349,20 @@ def make_obstore_store(settings: Settings, bucket: str) -> Any:
     if settings.s3_server_side_encryption:
         config["server_side_encryption"] = settings.s3_server_side_encryption
     attempt_s = settings.s3_connect_timeout_s + settings.s3_read_timeout_s
+    client_options: ClientConfig = {
+        "allow_http": (settings.s3_endpoint_url or "").startswith("http://"),
+        "connect_timeout": timedelta(seconds=settings.s3_connect_timeout_s),
+        "timeout": timedelta(seconds=attempt_s),
+    }
+    ca_bundle = core.get_config_variable("ca_bundle")
+    if ca_bundle:
+        # obstore reads no AWS_CA_BUNDLE itself. It adds these roots to the system's, where
+        # boto3 trusts the bundle alone.
+        client_options["root_certificate"] = _read_ca_bundle(ca_bundle)
     return S3Store(
         bucket,
         config=config,
-        client_options={
-            "allow_http": (settings.s3_endpoint_url or "").startswith("http://"),
-            "connect_timeout": timedelta(seconds=settings.s3_connect_timeout_s),
-            "timeout": timedelta(seconds=attempt_s),
-        },
+        client_options=client_options,
         retry_config={
             "max_retries": settings.storage_max_attempts - 1,
             "backoff": {
@@ -331,6 +374,24 @@ def make_obstore_store(settings: Settings, bucket: str) -> Any:
         },
         credential_provider=Boto3CredentialProvider(session),
     )
+
+
+def _read_ca_bundle(path: str) -> bytes:
+    """The PEM certificates of the CA bundle at ``path``; ConfigError if there are none to read."""
+    where = "AWS_CA_BUNDLE or ca_bundle in the AWS config file"
+    try:
+        pem = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the CA bundle {path!r} ({where}): {exc.strerror}; "
+            "expected a readable file of PEM certificates"
+        ) from exc
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(
+            f"the CA bundle {path!r} ({where}) holds no PEM certificate ({len(pem)} bytes); "
+            "expected one or more '-----BEGIN CERTIFICATE-----' blocks"
+        )
+    return pem
 
 
 def _temporary_name(name: str) -> str:

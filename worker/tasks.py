@@ -31,7 +31,7 @@ from worker.backoff import backoff_s
 from worker.budget import check_budget, task_budget_s
 from worker.pipeline import Done, Failed, Pipeline, Postponed, RetryLater
 from worker.result_store import ResultStore
-from worker.storage import open_storage, storage_url_parts
+from worker.storage import check_ca_bundle, open_storage, storage_url_parts
 
 log = logging.getLogger("actmap.worker")
 
@@ -43,10 +43,11 @@ def _forget_process_metrics(**_: Any) -> None:
 
 @worker_init.connect
 def _refuse_settings_that_cannot_work(**_: Any) -> None:
-    """In the worker's main process as it starts: a storage URL that cannot work, or a visibility
-    timeout too short for a message's work, stops it there."""
+    """In the worker's main process as it starts: a storage URL or CA bundle that cannot work, or a
+    visibility timeout too short for a message's work, stops it there."""
     try:
         storage_url_parts(settings)
+        check_ca_bundle(settings)
         check_budget(settings)
     except ConfigError as exc:
         raise SystemExit(f"actmap worker: {exc}") from None

@@ -26,7 +26,7 @@ from producer.errors import (
 from producer.keys import object_key
 from producer.settings import Settings
 from worker import storage as storage_module
-from worker.storage import FileStorage, S3Storage, StoredObject, open_storage
+from worker.storage import FileStorage, S3Storage, StoredObject, check_ca_bundle, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -309,6 +309,37 @@ def test_without_an_endpoint_the_s3_client_talks_to_aws() -> None:
     assert isinstance(location.storage, S3Storage)
     assert "amazonaws.com" in location.storage.client.meta.endpoint_url
     assert location.storage.server_side_encryption is None
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(None, "cannot read the CA bundle"), (b"not a certificate\n", "holds no PEM certificate (18 bytes)")],
+    ids=["missing", "not-pem"],
+)
+def test_a_ca_bundle_the_s3_clients_cannot_use_is_refused_as_the_worker_starts_naming_it(
+    content: bytes | None, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    if content is not None:
+        bundle.write_bytes(content)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+    for client in ("boto3", "obstore"):
+        settings = Settings(storage_url="s3://b/p", s3_client=client, s3_endpoint_url="https://127.0.0.1:9")
+        with pytest.raises(ConfigError) as info:
+            check_ca_bundle(settings)
+        assert says in str(info.value) and str(bundle) in str(info.value), info.value
+        assert "AWS_CA_BUNDLE" in str(info.value)
+    check_ca_bundle(Settings(storage_url=f"file://{tmp_path}"))  # a folder needs no CA
+
+
+def test_a_ca_bundle_from_the_aws_config_file_is_checked_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\nca_bundle = {tmp_path / 'absent.pem'}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    with pytest.raises(ConfigError, match=r"absent\.pem"):
+        check_ca_bundle(Settings(storage_url="s3://b/p"))
 
 
 def test_an_s3_url_without_a_bucket_is_refused() -> None:
