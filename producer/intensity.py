@@ -9,9 +9,10 @@ once the caller has imported it (torch: ``sys.modules``).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -22,7 +23,8 @@ import numpy.typing as npt
 from producer.errors import InvalidMapError
 
 EXPECTED_DTYPES = "uint8, or float16/float32/float64 with values in [0, 1]"
-EXPECTED_SHAPE = "(h, w) or (h, w, 1)"
+EXPECTED_SHAPE = "(h, w), (h, w, 1) or (1, h, w)"
+EXPECTED_BATCH_SHAPE = "(B, H, W) or (B, 1, H, W)"
 
 _FLOAT_SIZES = (2, 4, 8)
 _LIBRARY_DTYPES = ("uint8", "float16", "float32", "float64")  # by name, in any array library
@@ -42,16 +44,96 @@ def to_intensities(activation_map: object, *, max_pixels: int | None = None) -> 
         if from_library is not None:
             return from_library
     array = _as_array(activation_map)
-    dtype = array.dtype
-    is_uint8 = dtype == np.uint8
-    is_float = dtype.kind == "f" and dtype.itemsize in _FLOAT_SIZES
-    if not (is_uint8 or is_float):
-        raise InvalidMapError(_dtype_message(dtype, activation_map))
+    _check_numpy_dtype(array.dtype, activation_map)
     array = _squeeze(array)
-    _check_size(array, max_pixels)
-    if is_uint8:
+    _check_size(array.shape, max_pixels)
+    if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
     return _quantize(array)
+
+
+def batch_to_intensities(
+    maps: object, *, max_pixels: int | None = None, image_ids: Sequence[str] | None = None
+) -> npt.NDArray[np.uint8]:
+    """Return a (B, H, W) or (B, 1, H, W) batch as one C-contiguous (B, H, W) uint8 array.
+
+    The checks and bits of ``to_intensities`` of each map, in one operation over the batch: one
+    range check, one quantization on the batch's own device, one copy to the host. When the range
+    check fails, the first bad map is found and refused with ``to_intensities``'s message, naming
+    its index (and ``image_ids[index]``, given).
+    """
+    return _batch_intensities(maps, max_pixels, image_ids)
+
+
+def _batch_intensities(
+    maps: object, max_pixels: int | None, image_ids: Sequence[str] | None, *, on_device: bool | None = None
+) -> npt.NDArray[np.uint8]:
+    """batch_to_intensities; ``on_device`` as for _library_intensities (by default, DLPack says)."""
+    library = None if type(maps) is np.ndarray else _library(maps)
+    if library is None:
+        array = _as_array(maps)
+        _check_numpy_dtype(array.dtype, maps)
+        dtype = array.dtype
+    else:
+        array = library.array
+        dtype = _library_dtype(array, library.xp)
+    shape = batch_shape(array)
+    if len(shape) == 4:
+        array = array[:, 0, :, :]
+    _check_size(shape[-2:], max_pixels)
+    if shape[0] == 0:
+        return np.zeros((0, *shape[-2:]), np.uint8)
+
+    if on_device is None:
+        on_device = library is not None and _in_device_memory(array)
+
+    def refuse(*_: Any) -> InvalidMapError:
+        return _first_bad_map(array, library, on_device, image_ids)
+
+    return _to_uint8_on_host(array, dtype, library, on_device, refuse)
+
+
+def batch_shape(maps: Any) -> tuple[int, ...]:
+    """The shape of a batch of maps, (B, H, W) or (B, 1, H, W); InvalidMapError for any other."""
+    shape = getattr(maps, "shape", None)
+    if shape is None:
+        raise InvalidMapError(
+            f"a batch of activation maps of type {type(maps).__name__} has no shape; expected a numpy "
+            f"array, torch tensor or array API array of shape {EXPECTED_BATCH_SHAPE}"
+        )
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 or (len(shape) == 4 and shape[1] == 1):
+        return shape
+    if len(shape) == 4:
+        # (B, C, H, W) or (B, H, W, C): the channels are the smaller
+        return _refuse_batch_shape(shape, f"{min(shape[1], shape[3])} channels")
+    dims = "dimension" if len(shape) == 1 else "dimensions"
+    return _refuse_batch_shape(shape, f"{len(shape)} {dims}")
+
+
+def _refuse_batch_shape(shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+    raise InvalidMapError(
+        f"batch of activation maps has shape {shape}: {what}; expected {EXPECTED_BATCH_SHAPE}"
+    )
+
+
+def _first_bad_map(
+    maps: Any, library: _Library | None, on_device: bool, image_ids: Sequence[str] | None
+) -> InvalidMapError:
+    """The refusal of the first map of a batch that fails the range check, as to_intensities words it."""
+    for index in range(int(maps.shape[0])):
+        try:
+            _one_map(maps[index, :, :], library, on_device)
+        except InvalidMapError as exc:
+            label = "" if image_ids is None else f" (image id {image_ids[index]!r})"
+            return InvalidMapError(f"map {index} of the batch{label}: {exc}")
+    return InvalidMapError(f"a batch of {maps.shape[0]} maps failed the range check but none of its maps")
+
+
+def _one_map(activation_map: Any, library: _Library | None, on_device: bool) -> npt.NDArray[np.uint8] | None:
+    if library is None:
+        return to_intensities(activation_map)
+    return _library_intensities(activation_map, None, on_device=on_device)
 
 
 def _as_array(activation_map: object) -> npt.NDArray[Any]:
@@ -78,27 +160,38 @@ def _dtype_message(dtype: object, activation_map: object) -> str:
     return f"activation map has dtype {dtype}{_origin(activation_map)}; expected {EXPECTED_DTYPES}"
 
 
-def _squeeze(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    if array.ndim == 2:
+def _check_numpy_dtype(dtype: np.dtype[Any], activation_map: object) -> None:
+    is_float = dtype.kind == "f" and dtype.itemsize in _FLOAT_SIZES
+    if not (dtype == np.uint8 or is_float):
+        raise InvalidMapError(_dtype_message(dtype, activation_map))
+
+
+def _squeeze(array: Any) -> Any:
+    """The (h, w) plane of a numpy array, torch tensor or array API array of shape (h, w), (h, w, 1)
+    or (1, h, w); (1, n, 1) is read as (h, w, 1), a single row."""
+    shape = tuple(int(n) for n in array.shape)
+    if len(shape) == 2:
         return array
-    if array.ndim == 3 and array.shape[2] == 1:
+    if len(shape) == 3 and shape[2] == 1:
         return array[:, :, 0]
-    raise InvalidMapError(_shape_message(array.shape))
+    if len(shape) == 3 and shape[0] == 1:
+        return array[0, :, :]
+    raise InvalidMapError(_shape_message(shape))
 
 
 def _shape_message(shape: tuple[int, ...]) -> str:
     ndim = len(shape)
     if ndim == 3:
-        return f"activation map has shape {shape}: {shape[2]} channels; expected {EXPECTED_SHAPE}"
+        # Channels last (h, w, c) or first (c, h, w): the channels are the smaller end.
+        channels = min(shape[0], shape[2])
+        return f"activation map has shape {shape}: {channels} channels; expected {EXPECTED_SHAPE}"
     dims = "dimension" if ndim == 1 else "dimensions"
     return f"activation map has shape {shape}: {ndim} {dims}; expected {EXPECTED_SHAPE}"
 
 
-def _check_size(array: Any, max_pixels: int | None) -> None:
-    """``array`` is a 2D numpy array or torch tensor."""
-    shape = array.shape
-    if type(shape) is not tuple:  # torch.Size prints as torch.Size([h, w])
-        shape = tuple(shape)
+def _check_size(shape: Sequence[int], max_pixels: int | None) -> None:
+    """``shape`` is a map's (h, w)."""
+    shape = tuple(int(n) for n in shape)  # torch.Size prints as torch.Size([h, w])
     pixels = shape[0] * shape[1]
     if pixels == 0:
         raise InvalidMapError(
@@ -112,7 +205,10 @@ def _check_size(array: Any, max_pixels: int | None) -> None:
         )
 
 
-def _quantize(array: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.uint8]:
+def _quantize(
+    array: npt.NDArray[np.floating[Any]], refuse: Callable[..., InvalidMapError] | None = None
+) -> npt.NDArray[np.uint8]:
+    """rint(array * 255) as uint8, of one map or a batch; ``refuse(low, high)`` words a range refusal."""
     if array.dtype.itemsize == 2 and array.dtype.isnative:
         # numpy emulates float16 arithmetic one element at a time; looking the bit patterns up
         # in a table of every valid value is much faster, and exact.
@@ -123,7 +219,7 @@ def _quantize(array: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.uint8]:
     # rejects NaN and ±inf; counting them is left to the error path.
     low, high = array.min(), array.max()
     if not (low >= 0 and high <= 1):
-        raise InvalidMapError(_range_message(array, low, high))
+        raise (refuse or functools.partial(_range_error, np, array.dtype, array))(low, high)
     # Kolena computes rint(map * 255) in the map's own dtype: float16 rounds differently from
     # float32, so multiplying by a scalar of the same dtype keeps the outputs identical.
     scaled: npt.NDArray[np.floating[Any]] = np.multiply(array, array.dtype.type(255), order="C")
@@ -140,10 +236,11 @@ def _half_intensities() -> npt.NDArray[np.uint8]:
     return table
 
 
-def _range_message(array: npt.NDArray[np.floating[Any]], low: Any, high: Any) -> str:
-    nans = int(np.count_nonzero(np.isnan(array)))
-    infs = int(np.count_nonzero(np.isinf(array)))
-    return _range_text(array.dtype, array.size, nans, infs, low, high)
+def _range_error(xp: Any, dtype: np.dtype[Any], array: Any, low: Any, high: Any) -> InvalidMapError:
+    """The refusal of a map out of range, its NaN and infinities counted with its own library ``xp``."""
+    nans = int(xp.count_nonzero(xp.isnan(array)))
+    infs = int(xp.count_nonzero(xp.isinf(array)))
+    return InvalidMapError(_range_text(dtype, math.prod(array.shape), nans, infs, low, high))
 
 
 def _range_text(dtype: np.dtype[Any], size: int, nans: int, infs: int, low: Any, high: Any) -> str:
@@ -210,28 +307,41 @@ def _library_intensities(
     library = _library(activation_map)
     if library is None:
         return None
-    array, xp = library.array, library.xp
+    dtype = _library_dtype(library.array, library.xp)
+    array = _squeeze(library.array)
+    _check_size(array.shape, max_pixels)
+    device = _in_device_memory(array) if on_device is None else on_device
+    refuse = functools.partial(_range_error, library.xp, dtype, array)
+    return _to_uint8_on_host(array, dtype, library, device, refuse)
+
+
+def _library_dtype(array: Any, xp: Any) -> np.dtype[Any]:
     dtype = _numpy_dtype(array.dtype, xp)
     if dtype is None:
         # The name numpy would give (int64, bool, ...); others keep their library's (bfloat16).
         raise InvalidMapError(_dtype_message(str(array.dtype).rpartition(".")[2], array))
-    shape = tuple(int(n) for n in array.shape)
-    if len(shape) == 3 and shape[2] == 1:
-        array = array[:, :, 0]
-    elif len(shape) != 2:
-        raise InvalidMapError(_shape_message(shape))
-    _check_size(array, max_pixels)
-    if not (_in_device_memory(array) if on_device is None else on_device):
-        host = library.to_host(array)
-        return np.ascontiguousarray(host) if dtype == np.uint8 else _quantize(host)
+    return dtype
+
+
+def _to_uint8_on_host(
+    array: Any, dtype: np.dtype[Any], library: _Library | None, on_device: bool, refuse: Callable[..., Any]
+) -> npt.NDArray[np.uint8]:
+    """A checked map or batch, numpy's or a library's, as C-contiguous uint8 in host memory.
+
+    In device memory it is quantized there and copied once; in host memory numpy reads it and
+    quantizes it. ``refuse(low, high)`` makes the error of values out of [0, 1].
+    """
+    if library is not None and not on_device:
+        array = library.to_host(array)
+    if library is None or not on_device:
+        return np.ascontiguousarray(array) if dtype == np.uint8 else _quantize(array, refuse)
+    xp = library.xp
     if dtype != np.uint8:
         # min/max propagate NaN, as numpy's do; one 2-element transfer brings both to the host.
         bounds = library.to_host(xp.stack((xp.min(array), xp.max(array))))
         low, high = bounds[0], bounds[1]
         if not (low >= 0 and high <= 1):
-            nans = int(xp.count_nonzero(xp.isnan(array)))
-            infs = int(xp.count_nonzero(xp.isinf(array)))
-            raise InvalidMapError(_range_text(dtype, math.prod(shape), nans, infs, low, high))
+            raise refuse(low, high)
         # rint(x * 255) in the array's own dtype (a Python scalar keeps float16 float16); the
         # array API's round, like torch's, is half-to-even as np.rint is.
         array = library.to_uint8(xp.round(array * 255))

@@ -46,6 +46,25 @@ def test_single_channel_uint8_maps_are_squeezed_without_a_copy() -> None:
     np.testing.assert_array_equal(out, activation_map[:, :, 0])
 
 
+def test_channel_first_uint8_maps_are_squeezed_without_a_copy() -> None:
+    activation_map = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
+    out = to_intensities(activation_map)
+    assert out.shape == (3, 4)
+    assert np.shares_memory(out, activation_map)
+    np.testing.assert_array_equal(out, activation_map[0])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_channel_first_float_maps_quantize_like_their_plane(dtype: type) -> None:
+    plane = np.random.default_rng(3).random((5, 7)).astype(dtype)
+    np.testing.assert_array_equal(to_intensities(plane[None]), to_intensities(plane))
+
+
+def test_a_one_by_n_by_one_map_is_read_as_channels_last_a_single_row() -> None:
+    activation_map = np.arange(5, dtype=np.uint8).reshape(1, 5, 1)
+    assert to_intensities(activation_map).shape == (1, 5)
+
+
 def test_read_only_uint8_maps_from_a_wire_buffer_are_accepted_without_a_copy() -> None:
     activation_map = np.frombuffer(bytes(range(12)), dtype=np.uint8).reshape(3, 4)
     out = to_intensities(activation_map)
@@ -165,13 +184,19 @@ def test_lists_of_ints_are_refused_naming_the_source_type() -> None:
 def test_ragged_lists_are_refused_as_not_convertible() -> None:
     message = _message([[0.1, 0.2], [0.3]])
     assert "type list is not convertible" in message
-    assert "(h, w) or (h, w, 1)" in message
+    assert "(h, w), (h, w, 1) or (1, h, w)" in message
 
 
 def test_three_channel_maps_are_refused_naming_shape_and_channels() -> None:
     message = _message(np.zeros((224, 224, 3), dtype=np.uint8))
     assert "shape (224, 224, 3): 3 channels" in message
-    assert "expected (h, w) or (h, w, 1)" in message
+    assert "expected (h, w), (h, w, 1) or (1, h, w)" in message
+
+
+def test_channel_first_three_channel_maps_are_refused_naming_three_channels() -> None:
+    message = _message(np.zeros((3, 224, 224), dtype=np.float32))
+    assert "shape (3, 224, 224): 3 channels" in message
+    assert "expected (h, w), (h, w, 1) or (1, h, w)" in message
 
 
 @pytest.mark.parametrize(
@@ -183,7 +208,7 @@ def test_maps_that_are_not_2d_are_refused_naming_their_dimensions(
 ) -> None:
     message = _message(np.zeros(shape, dtype=np.float32))
     assert received in message
-    assert "expected (h, w) or (h, w, 1)" in message
+    assert "expected (h, w), (h, w, 1) or (1, h, w)" in message
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0, 1)])

@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 
 from producer.errors import InvalidMapError
-from producer.intensity import _in_device_memory, _library, _library_intensities, to_intensities
+from producer.intensity import (
+    _batch_intensities,
+    _in_device_memory,
+    _library,
+    _library_intensities,
+    batch_to_intensities,
+    to_intensities,
+)
 
 try:  # optional: scripts/test.sh installs the CPU build where it lies on disk
     import torch
@@ -129,12 +136,14 @@ def test_uint8_arrays_pass_through_unchanged(library: Library, quantize: Any) ->
     np.testing.assert_array_equal(out, array)
 
 
+@pytest.mark.parametrize("layout", ["(h, w, 1)", "(1, h, w)"])
 @pytest.mark.parametrize(("library", "dtype"), [(lib, "uint8") for lib in LIBRARIES] + FLOATS, ids=str)
-def test_single_channel_arrays_are_accepted(library: Library, dtype: str, quantize: Any) -> None:
-    array = _smooth(16)
+def test_single_channel_arrays_are_accepted(library: Library, dtype: str, layout: str, quantize: Any) -> None:
+    array = _smooth(16)[:, :12]
     array = (array * 255).astype(np.uint8) if dtype == "uint8" else array.astype(dtype)
-    out = quantize(library.from_numpy(array[:, :, None]))
-    assert out.shape == (16, 16) and out.flags.c_contiguous
+    with_channel = array[:, :, None] if layout == "(h, w, 1)" else array[None]
+    out = quantize(library.from_numpy(with_channel))
+    assert out.shape == (16, 12) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, to_intensities(array))
 
 
@@ -214,6 +223,7 @@ def test_inputs_are_not_modified(library: Library, quantize: Any) -> None:
     "make",
     [
         lambda: np.zeros((8, 8, 3), np.float32),  # 3 channels
+        lambda: np.zeros((3, 8, 8), np.uint8),  # 3 channels first
         lambda: np.zeros((8, 8, 1, 1), np.uint8),  # 4 dimensions
         lambda: np.zeros(8, np.float32),  # 1 dimension
         lambda: np.zeros((0, 8), np.uint8),  # empty
@@ -222,7 +232,7 @@ def test_inputs_are_not_modified(library: Library, quantize: Any) -> None:
         lambda: np.array([[0.0, np.inf], [np.nan, 0.5]], np.float32),  # NaN and inf
         lambda: np.array([[0.0, 1.5], [-0.25, 0.5]], np.float32),  # out of range
     ],
-    ids=["3-channels", "4d", "1d", "empty", "empty-squeezed", "nan", "nan-inf", "range32"],
+    ids=["3-channels", "3-first", "4d", "1d", "empty", "empty-squeezed", "nan", "nan-inf", "range32"],
 )
 def test_bad_arrays_are_refused_with_the_numpy_message(library: Library, make: Any, quantize: Any) -> None:
     array = make()
@@ -278,3 +288,63 @@ def test_importing_the_producer_imports_no_array_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- batches: batch_to_intensities ------------------------------------------------------
+
+
+def _batch_on_device(maps: object, **kwargs: Any) -> np.ndarray:
+    return _batch_intensities(maps, kwargs.get("max_pixels"), kwargs.get("image_ids"), on_device=True)
+
+
+BATCH_PATHS = {"host": batch_to_intensities, "device": _batch_on_device}
+
+
+@pytest.fixture(params=BATCH_PATHS, ids=str)
+def quantize_batch(request: pytest.FixtureRequest) -> Callable[..., np.ndarray]:
+    return BATCH_PATHS[request.param]  # type: ignore[return-value]
+
+
+def _smooth_batch(count: int = 4, size: int = 24) -> np.ndarray:
+    return np.stack([_smooth(size, seed) for seed in range(count)])
+
+
+@pytest.mark.parametrize(("library", "dtype"), [(lib, "uint8") for lib in LIBRARIES] + FLOATS, ids=str)
+@pytest.mark.parametrize("layout", ["(B, H, W)", "(B, 1, H, W)"])
+def test_batches_quantize_bit_for_bit_like_to_intensities_of_each_map(
+    library: Library, dtype: str, layout: str, quantize_batch: Any
+) -> None:
+    maps = _smooth_batch()
+    maps = (maps * 255).astype(np.uint8) if dtype == "uint8" else maps.astype(dtype)
+    out = quantize_batch(library.from_numpy(maps if layout == "(B, H, W)" else maps[:, None]))
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert out.shape == maps.shape
+    for cam, row in zip(maps, out, strict=True):
+        np.testing.assert_array_equal(row, to_intensities(cam))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
+def test_a_batch_numpy_cannot_convert_is_read_through_dlpack(dtype: str, quantize_batch: Any) -> None:
+    maps = _smooth_batch()
+    maps = (maps * 255).astype(np.uint8) if dtype == "uint8" else maps.astype(dtype)
+    on_device = strict.asarray(maps, device=strict.Device("device1"))
+    np.testing.assert_array_equal(quantize_batch(on_device), batch_to_intensities(maps))
+
+
+@pytest.mark.parametrize(("library", "dtype"), FLOATS, ids=str)
+def test_the_first_bad_map_of_a_batch_is_refused_with_the_numpy_message(
+    library: Library, dtype: str, quantize_batch: Any
+) -> None:
+    maps = _smooth_batch().astype(dtype)
+    maps[2, 5, 5] = -0.25
+    maps[3, 0, 0] = np.nan
+    with pytest.raises(InvalidMapError) as raised:
+        quantize_batch(library.from_numpy(maps), image_ids=["a", "b", "c", "d"])
+    assert str(raised.value) == f"map 2 of the batch (image id 'c'): {_message(maps[2])}"
+
+
+@pytest.mark.parametrize("library", LIBRARIES, ids=str)
+def test_batches_of_other_dtypes_are_refused_naming_the_type(library: Library, quantize_batch: Any) -> None:
+    with pytest.raises(InvalidMapError) as raised:
+        quantize_batch(library.from_numpy(np.zeros((2, 4, 4), np.int8)))
+    assert str(raised.value).startswith(f"activation map has dtype int8 (converted from {library.type_name})")
