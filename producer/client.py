@@ -19,14 +19,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from celery import states
 from tqdm import tqdm
 
 from producer.celery_config import make_celery
 from producer.errors import BrokerError, CollectTimeoutError, InvalidMapError
-from producer.intensity import to_intensities
+from producer.intensity import batch_shape, batch_to_intensities, to_intensities
 from producer.keys import result_id, validate_image_id, validate_map_name
 from producer.publisher import BackgroundPublisher, BrokerSender
 from producer.redelivery import Redelivery, RedisBrokerIdleCheck
@@ -158,6 +156,61 @@ class Producer:
                 bar.update(len(batch))
         return handles
 
+    def submit_batch(
+        self,
+        image_ids: Sequence[str],
+        maps: Any,
+        *,
+        names: Sequence[str | None] | None = None,
+        colormap: str = "jet",
+        fade_low_activation: bool = True,
+        progress: bool = False,
+    ) -> list[PendingMap]:
+        """Queue a (B, H, W) or (B, 1, H, W) batch of maps, ``batch_size`` maps per message.
+
+        Checked and quantized in one operation on the batch's own device, copied to the host
+        once. Anything bad (an id, a name, an option, any map) raises before anything is sent.
+        """
+        count = batch_shape(maps)[0]
+        image_ids, names = self._check_identities(image_ids, names, count)
+        self._check_options(colormap, fade_low_activation)
+        intensities = batch_to_intensities(maps, max_pixels=self.settings.max_pixels, image_ids=image_ids)
+        for image_id, name in zip(image_ids, names, strict=True):
+            self._check_message_size(intensities.shape[1:], image_id, name)
+        if self._publisher is not None and (intensities is maps or not intensities.flags.owndata):
+            intensities = intensities.copy()  # the caller's memory, as in _prepare
+        identities = list(zip(image_ids, names, strict=True))
+        messages = [
+            MapMessage(self.run_id, image_id, name, plane, colormap, fade_low_activation)
+            for (image_id, name), plane in zip(identities, intensities, strict=True)
+        ]
+        with tqdm(total=count, desc="submit", unit="map", disable=not progress) as bar:
+            for start in range(0, count, self.settings.batch_size):
+                chunk = messages[start : start + self.settings.batch_size]
+                self._send(chunk)
+                bar.update(len(chunk))
+        return [PendingMap(self.run_id, image_id, name) for image_id, name in identities]
+
+    @classmethod
+    def _check_identities(
+        cls, image_ids: Sequence[str], names: Sequence[str | None] | None, count: int
+    ) -> tuple[list[str], list[str | None]]:
+        """A batch's image ids and names, one of each per map, checked as submit checks them."""
+        ids = list(image_ids)
+        all_names: list[str | None] = [None] * count if names is None else list(names)
+        for what, given in (("image ids", ids), ("names", all_names)):
+            if len(given) != count:
+                raise InvalidMapError(
+                    f"submit_batch received {len(given)} {what} for a batch of {count} maps; expected {count}"
+                )
+        for index, (image_id, name) in enumerate(zip(ids, all_names, strict=True)):
+            try:
+                cls._check_identity(image_id, name)
+            except Exception as exc:
+                exc.add_note(f"submit_batch: map {index} refused; nothing is submitted")
+                raise
+        return ids, all_names
+
     def _send(self, messages: Sequence[MapMessage]) -> None:
         if self._publisher is None:
             self._publish(messages)
@@ -179,20 +232,10 @@ class Producer:
         self, image_id: str, activation_map: Any, name: str | None, colormap: str, fade: bool
     ) -> tuple[PendingMap, MapMessage]:
         """Everything that can refuse a map, and its quantization: the caller's thread's share."""
-        validate_image_id(image_id)
-        validate_map_name(name)
-        validate_colormap(colormap)
-        if not isinstance(fade, bool):
-            raise InvalidMapError(f"fade_low_activation must be a bool, received {type(fade).__name__}")
+        self._check_identity(image_id, name)
+        self._check_options(colormap, fade)
         intensities = to_intensities(activation_map, max_pixels=self.settings.max_pixels)
-        largest = _largest_message_bytes(intensities, self.run_id, image_id, name)
-        if largest > self.settings.max_message_bytes:
-            # Refused here: a worker could only refuse the message unread, unable to say whose map it was.
-            raise InvalidMapError(
-                f"map {image_id!r} ({intensities.shape[0]} x {intensities.shape[1]}) can make a map message "
-                f"of up to {largest} bytes; a map message holds at most "
-                f"{self.settings.max_message_bytes} (ACTMAP_MAX_MESSAGE_BYTES, the workers' too)"
-            )
+        self._check_message_size(intensities.shape, image_id, name)
         if self._publisher is not None and (intensities is activation_map or not intensities.flags.owndata):
             # The caller's own memory (a uint8 array, a CPU tensor): it may be reused as soon as
             # submit returns, and the thread packs the map later. Quantized floats are already a copy.
@@ -200,6 +243,27 @@ class Producer:
         return PendingMap(self.run_id, image_id, name), MapMessage(
             self.run_id, image_id, name, intensities, colormap, fade
         )
+
+    @staticmethod
+    def _check_identity(image_id: str, name: str | None) -> None:
+        validate_image_id(image_id)
+        validate_map_name(name)
+
+    @staticmethod
+    def _check_options(colormap: str, fade: bool) -> None:
+        validate_colormap(colormap)
+        if not isinstance(fade, bool):
+            raise InvalidMapError(f"fade_low_activation must be a bool, received {type(fade).__name__}")
+
+    def _check_message_size(self, shape: tuple[int, ...], image_id: str, name: str | None) -> None:
+        largest = _largest_message_bytes(shape, self.run_id, image_id, name)
+        if largest > self.settings.max_message_bytes:
+            # Refused here: a worker could only refuse the message unread, unable to say whose map it was.
+            raise InvalidMapError(
+                f"map {image_id!r} ({shape[0]} x {shape[1]}) can make a map message "
+                f"of up to {largest} bytes; a map message holds at most "
+                f"{self.settings.max_message_bytes} (ACTMAP_MAX_MESSAGE_BYTES, the workers' too)"
+            )
 
     # -- collecting -------------------------------------------------------------------
 
@@ -334,11 +398,9 @@ class Producer:
         self.close()
 
 
-def _largest_message_bytes(
-    intensities: npt.NDArray[np.uint8], run_id: str, image_id: str, name: str | None
-) -> int:
+def _largest_message_bytes(shape: tuple[int, ...], run_id: str, image_id: str, name: str | None) -> int:
     """The most bytes a map's message can take: ISA-L's deflate grows noise by up to a quarter (level 0)."""
-    height, width = intensities.shape
+    height, width = shape
     scanlines = int(height) * (int(width) + 1)
     ids = len(run_id) + len(image_id.encode()) + len((name or "").encode())
     return scanlines + scanlines // 4 + 128 + ids + MESSAGE_FIELDS_BYTES

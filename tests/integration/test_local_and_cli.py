@@ -267,3 +267,24 @@ def test_maps_of_other_array_libraries_arrive_as_the_same_pngs_as_numpy_maps(loc
     assert pngs["jax"] == pngs["numpy"] and pngs["device"] == pngs["numpy"]
     for cam, png in zip(maps, pngs["numpy"], strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")), colorize(cam))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_a_batch_goes_through_a_worker_to_the_pngs_of_render_png_of_each_map(
+    local_stack: Stack, dtype: str
+) -> None:
+    # Given a (B, 1, H, W) batch, as a model's output is, and a publisher that waits before packing
+    rng = np.random.default_rng(13)
+    maps = rng.random((5, 1, 36, 28), dtype=np.float32)
+    if dtype == "uint8":
+        maps = (maps * 255).astype(np.uint8)
+    expected = [render_png(cam[0]) for cam in maps]
+    settings = local_stack.settings.model_copy(update={"publish_linger_s": 1.0, "batch_size": 2})
+    with Producer(settings) as producer:
+        # When it is submitted in one call, and the caller reuses its buffer at once
+        handles = producer.submit_batch([f"batch/{dtype}/{i}" for i in range(5)], maps)
+        maps[...] = 0
+        results = producer.collect(handles, timeout=60)
+    # Then each map is stored as render_png's PNG of that map
+    assert all(r.locator for r in results), [r.error for r in results]
+    assert [Path(r.locator.removeprefix("file://")).read_bytes() for r in results if r.locator] == expected
