@@ -125,8 +125,8 @@ class Producer:
         """Queue (image_id, map) or (image_id, map, name) items, ``batch_size`` maps per message.
 
         A bad item raises as ``submit`` would, with a note naming it: the maps before it are
-        submitted (their handles are lost with the return value: collect them by image id),
-        none after it.
+        submitted, none after it, and the error's ``submitted`` holds their handles. It takes any
+        iterable, possibly a stream too large to hold, so it cannot check every item before sending.
         """
         handles: list[PendingMap] = []
         batch: list[MapMessage] = []
@@ -140,6 +140,7 @@ class Producer:
                 except Exception as exc:
                     if batch:
                         self._send(batch)
+                    exc.submitted = handles  # type: ignore[attr-defined]
                     exc.add_note(
                         f"submit_many: item {index} refused; the {len(handles)} map(s) before it are "
                         "submitted, none after it"

@@ -18,22 +18,25 @@ def published(server: RedisServer, queue: str) -> list[str]:
     return [image_id for batch in queued_batches(server.client(0), queue) for image_id in batch]
 
 
+@pytest.mark.parametrize("bad", [0, 6, 9], ids=["first", "middle", "last"])
 @pytest.mark.parametrize("background_publish", [True, False])
-def test_a_bad_item_raises_naming_it_and_every_map_before_it_is_submitted_none_after(
-    module_redis: RedisServer, tmp_path: Path, background_publish: bool
+def test_a_bad_item_raises_naming_it_and_carrying_the_handles_of_every_map_before_it(
+    module_redis: RedisServer, tmp_path: Path, background_publish: bool, bad: int
 ) -> None:
     module_redis.client(0).flushdb()
     settings = redis_settings(module_redis, tmp_path, batch_size=4, background_publish=background_publish)
     items = [(f"img/{i:02d}", np.full((4, 4), i / 10, np.float32)) for i in range(10)]
-    items[6] = ("img/06", np.full((4, 4), 2.0, np.float32))  # outside [0, 1]
+    items[bad] = (f"img/{bad:02d}", np.full((4, 4), 2.0, np.float32))  # outside [0, 1]
     with Producer(settings) as producer:
         with pytest.raises(InvalidMapError) as raised:
             producer.submit_many(items)
         producer.flush(30)
-    assert "submit_many: item 6 refused; the 6 map(s) before it are submitted, none after it" in (
+    assert f"submit_many: item {bad} refused; the {bad} map(s) before it are submitted, none after it" in (
         raised.value.__notes__
     )
-    assert published(module_redis, settings.queue) == [f"img/{i:02d}" for i in range(6)]
+    sent = published(module_redis, settings.queue)
+    assert sent == [f"img/{i:02d}" for i in range(bad)]
+    assert raised.value.submitted == [PendingMap(producer.run_id, image_id, None) for image_id in sent]
 
 
 @pytest.mark.parametrize("background_publish", [True, False])
