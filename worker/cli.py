@@ -10,13 +10,18 @@ import json
 import os
 import shutil
 import sys
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from producer.errors import ActmapError, CollectTimeoutError
+from producer.errors import ActmapError, CollectTimeoutError, PermanentError
+
+if TYPE_CHECKING:
+    from producer.client import PendingMap, Producer
 
 _GLOBAL_OPTIONS = {
     "home": "ACTMAP_HOME",
@@ -98,24 +103,33 @@ def sweep_temporary_files(older_than: float) -> None:
 @click.option("--run-id", help="Run id to submit under (default: a new one, printed).")
 @click.option("--colormap", default="jet")
 @click.option("--fade/--no-fade", "fade_low_activation", default=True, help="Fade low activations.")
-def submit(paths: tuple[Path, ...], run_id: str | None, colormap: str, fade_low_activation: bool) -> None:
+@click.option("--strict", is_flag=True, help="Stop at the first file not read or refused.")
+def submit(
+    paths: tuple[Path, ...], run_id: str | None, colormap: str, fade_low_activation: bool, strict: bool
+) -> None:
     """Submit .npy/.npz maps (files or folders); print one JSON line per map to collect later.
 
     The image id is the file's path relative to the folder given, without its suffix; an
-    .npz with several arrays gives one map per array, named after it.
+    .npz with several arrays gives one map per array, named after it. A file that cannot be
+    read, or whose map is refused, is reported on stderr and the others are submitted (with
+    --strict, none after it); the exit code is then 1.
     """
     from producer.client import Producer
 
     try:
         with Producer(run_id=run_id) as producer:  # leaving it publishes what is buffered
             click.echo(f"run id: {producer.run_id}", err=True)
-            handles = producer.submit_many(
-                _load_maps(paths), colormap=colormap, fade_low_activation=fade_low_activation, progress=True
-            )
-    except ActmapError as exc:
+            handles, refused = _submit_files(producer, paths, colormap, fade_low_activation, strict)
+    except ActmapError as exc:  # the broker, not a file: nothing is known to be sent
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     for handle in handles:
         click.echo(json.dumps({"run_id": handle.run_id, "image_id": handle.image_id, "name": handle.name}))
+    if refused:
+        stopped = "; --strict: stopped at it" if strict else ""
+        click.echo(
+            f"{refused} file(s) not read or refused, {len(handles)} map(s) submitted{stopped}", err=True
+        )
+        sys.exit(1)
 
 
 @cli.command()
@@ -207,24 +221,66 @@ def _serve_metrics(port: int) -> None:
     metrics.serve(port)
 
 
-def _load_maps(paths: tuple[Path, ...]) -> Iterator[tuple[str, Any, str | None]]:
+def _map_files(paths: tuple[Path, ...]) -> Iterator[tuple[Path, str]]:
+    """Each .npy/.npz file given or under a folder given, with its image id."""
+    for root in paths:
+        if not root.is_dir():
+            yield root, Path(root.name).with_suffix("").as_posix()
+            continue
+        for file in sorted(p for p in root.rglob("*") if p.suffix in (".npy", ".npz")):
+            yield file, file.relative_to(root).with_suffix("").as_posix()
+
+
+def _submit_files(
+    producer: Producer, paths: tuple[Path, ...], colormap: str, fade: bool, strict: bool
+) -> tuple[list[PendingMap], int]:
+    """The handles of every map sent, and how many files were not read or refused (each reported)."""
+    from tqdm import tqdm
+
+    handles: list[PendingMap] = []
+    refused = 0
+    with tqdm(desc="submit", unit="map", disable=None) as bar:  # no bar in a log file
+        for file, image_id in _map_files(paths):
+            sent, reason = _submit_file(producer, file, image_id, colormap, fade)
+            handles += sent
+            bar.update(len(sent))
+            if reason is not None:
+                refused += 1
+                tqdm.write(f"{file}: {reason}", file=sys.stderr)
+                if strict:
+                    break
+    return handles, refused
+
+
+def _read_maps(file: Path, image_id: str) -> list[tuple[str, Any, str | None]]:
+    """The file's maps as submit_many items: read whole, so a broken file sends none of them."""
     import numpy as np
 
-    for root in paths:
-        files = (
-            sorted(p for p in root.rglob("*") if p.suffix in (".npy", ".npz")) if root.is_dir() else [root]
+    if file.suffix != ".npz":
+        return [(image_id, np.load(file, allow_pickle=False), None)]
+    with np.load(file, allow_pickle=False) as archive:
+        names = list(archive.files)
+        return [(image_id, archive[name], None if len(names) == 1 else name) for name in names]
+
+
+def _submit_file(
+    producer: Producer, file: Path, image_id: str, colormap: str, fade: bool
+) -> tuple[list[PendingMap], str | None]:
+    """The handles of the file's maps sent, and why the rest were not (None: all sent)."""
+    try:
+        items = _read_maps(file, image_id)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        return [], (
+            f"cannot read it ({type(exc).__name__}: {exc}); expected a .npy or .npz file that "
+            "numpy.load reads without pickle"
         )
-        for file in files:
-            image_id = (
-                (file.relative_to(root) if root.is_dir() else Path(file.name)).with_suffix("").as_posix()
-            )
-            if file.suffix == ".npy":
-                yield image_id, np.load(file, allow_pickle=False), None
-                continue
-            with np.load(file, allow_pickle=False) as archive:
-                names = list(archive.files)
-                for name in names:
-                    yield image_id, archive[name], (None if len(names) == 1 else name)
+    try:
+        return producer.submit_many(items, colormap=colormap, fade_low_activation=fade), None
+    except PermanentError as exc:
+        sent: list[PendingMap] = exc.submitted  # type: ignore[attr-defined]
+        name = items[len(sent)][2]
+        where = "" if name is None else f" array {name!r} ({len(sent)} of its {len(items)} maps submitted)"
+        return sent, f"refused{where}: {type(exc).__name__}: {exc}"
 
 
 def main() -> None:

@@ -108,6 +108,103 @@ def test_cli_submit_of_a_bad_map_file_says_what_is_wrong(local_stack: Stack, tmp
     assert "InvalidMapError" in submitted.stderr and "3 channels" in submitted.stderr
 
 
+BAD_FILES = {
+    "unreadable": (b"not a numpy file", "cannot read it (ValueError: "),
+    "refused": (
+        np.zeros((4, 4, 3), np.uint8),
+        "refused: InvalidMapError: activation map has shape (4, 4, 3)",
+    ),
+}
+
+
+def write_map_files(folder: Path, bad: int, kind: str) -> list[Path]:
+    """Three map files, f0..f2, the one at ``bad`` unreadable or refused, and an .npz of two maps."""
+    rng = np.random.default_rng(14)
+    files = []
+    for i in range(3):
+        file = folder / f"f{i}.npy"
+        if i == bad:
+            content, _ = BAD_FILES[kind]
+            if isinstance(content, bytes):
+                file.write_bytes(content)
+            else:
+                np.save(file, content)
+        else:
+            np.save(file, rng.random((12, 10), dtype=np.float32))
+        files.append(file)
+    np.savez(folder / "pair.npz", cat=rng.random((8, 8)), dog=rng.random((8, 8)))
+    return [*files[:2], folder / "pair.npz", files[2]]  # the bad file first, in the middle or last
+
+
+def identities(files: list[Path]) -> list[tuple[str, str | None]]:
+    """The (image id, name) of each map of write_map_files's files, in order."""
+    pairs: list[tuple[str, str | None]] = []
+    for file in files:
+        pairs += [("pair", "cat"), ("pair", "dog")] if file.suffix == ".npz" else [(file.stem, None)]
+    return pairs
+
+
+def collect_pending(stack: Stack, tmp_path: Path, pending: str) -> list[dict[str, object]]:
+    (tmp_path / "pending.jsonl").write_text(pending)
+    collected = actmap("collect", str(tmp_path / "pending.jsonl"), env=stack.env, cwd=tmp_path)
+    assert collected.returncode == 0, collected.stderr
+    return [json.loads(line) for line in collected.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+@pytest.mark.parametrize("bad", [0, 1, 2], ids=["first", "middle", "last"])
+def test_cli_submit_reports_a_bad_file_submits_every_other_and_exits_1(
+    local_stack: Stack, tmp_path: Path, bad: int, kind: str
+) -> None:
+    # Given four files, one of them unreadable or holding a map submit refuses
+    files = write_map_files(tmp_path, bad, kind)
+    bad_file = tmp_path / f"f{bad}.npy"
+    # When they are submitted
+    submitted = actmap("submit", *map(str, files), env=local_stack.env, cwd=tmp_path)
+    # Then the bad file is reported with its path and reason, and the exit code says so
+    assert submitted.returncode == 1, submitted.stderr
+    assert f"{bad_file}: {BAD_FILES[kind][1]}" in submitted.stderr
+    assert "1 file(s) not read or refused, 4 map(s) submitted" in submitted.stderr
+    # And every other map has its line, and its result
+    pending = [json.loads(line) for line in submitted.stdout.splitlines()]
+    assert [(p["image_id"], p["name"]) for p in pending] == identities([f for f in files if f != bad_file])
+    rows = collect_pending(local_stack, tmp_path, submitted.stdout)
+    assert [(r["image_id"], r["name"], r["ok"]) for r in rows] == [
+        (p["image_id"], p["name"], True) for p in pending
+    ]
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2], ids=["first", "middle", "last"])
+def test_cli_submit_strict_stops_at_the_first_bad_file_having_printed_what_it_sent(
+    local_stack: Stack, tmp_path: Path, bad: int
+) -> None:
+    files = write_map_files(tmp_path, bad, "refused")
+    bad_file = tmp_path / f"f{bad}.npy"
+    submitted = actmap("submit", "--strict", *map(str, files), env=local_stack.env, cwd=tmp_path)
+    assert submitted.returncode == 1, submitted.stderr
+    assert f"{bad_file}: {BAD_FILES['refused'][1]}" in submitted.stderr
+    assert "--strict: stopped at it" in submitted.stderr
+    pending = [json.loads(line) for line in submitted.stdout.splitlines()]
+    assert [(p["image_id"], p["name"]) for p in pending] == identities(files[: files.index(bad_file)])
+    if pending:  # a bad first file: nothing sent, nothing to collect
+        rows = collect_pending(local_stack, tmp_path, submitted.stdout)
+        assert [(r["image_id"], r["name"], r["ok"]) for r in rows] == [
+            (p["image_id"], p["name"], True) for p in pending
+        ]
+
+
+def test_cli_submit_of_an_npz_with_a_bad_array_names_it_and_submits_the_arrays_before_it(
+    local_stack: Stack, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "c.npz", a=np.zeros((4, 4)), b=np.full((4, 4), 3.0), c=np.zeros((4, 4)))
+    submitted = actmap("submit", str(tmp_path / "c.npz"), env=local_stack.env, cwd=tmp_path)
+    assert submitted.returncode == 1, submitted.stderr
+    assert f"{tmp_path / 'c.npz'}: refused array 'b' (1 of its 3 maps submitted): InvalidMapError:" in (
+        submitted.stderr
+    )
+    assert [json.loads(line)["name"] for line in submitted.stdout.splitlines()] == ["a"]
+
+
 def test_actmap_demo_prints_locators_of_jet_pngs_and_writes_overlays(tmp_path: Path) -> None:
     result = actmap("demo", "--count", "3", env={"ACTMAP_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
