@@ -124,7 +124,6 @@ def _render_all(self: Task[Any, Any], maps: list[bytes], results: ResultStore) -
             elif isinstance(outcome, Postponed):
                 postponed.append(outcome.payload)
             else:
-                metrics.RETRIES.inc()
                 retry.append(outcome)
             metrics.STAGE_SECONDS.labels("result").observe(time.perf_counter() - started)
     finally:
@@ -213,6 +212,7 @@ def _retry_or_give_up(task: Task[Any, Any], retry: list[RetryLater], results: Re
         # At least a second: RabbitMQ's delayed delivery counts whole seconds and refuses 0.
         countdown = max(1.0, backoff_s(attempt, cap_s=settings.retry_backoff_max_s))
         log.info("retrying %d map(s) in %.1f s (retry %d)", len(retry), countdown, attempt + 1)
+        metrics.RETRIES.inc(len(retry))  # only maps sent back: not those given up on below
         task.retry(
             args=([r.payload for r in retry],),
             countdown=countdown,
