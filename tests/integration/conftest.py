@@ -73,7 +73,8 @@ def local_stack(module_redis: RedisServer, tmp_path_factory: pytest.TempPathFact
 def s3_stack(
     module_redis: RedisServer, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Stack, str]]:
-    """Redis broker and results, PNGs in a SeaweedFS bucket under the prefix 'maps'."""
+    """Redis broker and results, PNGs in a SeaweedFS bucket under the prefix 'maps'; results kept
+    2 h (not the default day, Celery's own default too: a TTL check then shows the setting works)."""
     root = tmp_path_factory.mktemp("s3-stack")
     bucket = s3_server.create_bucket()
     env = {
@@ -82,6 +83,7 @@ def s3_stack(
         "ACTMAP_RESULT_BACKEND": module_redis.url(3),
         "ACTMAP_STORAGE_URL": f"s3://{bucket}/maps",
         "ACTMAP_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "ACTMAP_RESULT_EXPIRES_S": "7200",
         **s3_server.env(),
     }
     stack = Stack(env=env, log_dir=root)
