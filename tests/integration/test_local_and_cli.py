@@ -24,12 +24,13 @@ from worker.storage import FileStorage
 
 
 def actmap(
-    *args: str, env: dict[str, str], cwd: Path, timeout_s: float = 120
+    *args: str, env: dict[str, str], cwd: Path, timeout_s: float = 120, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         env=clean_env(env),
         cwd=cwd,
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -385,3 +386,78 @@ def test_a_batch_goes_through_a_worker_to_the_pngs_of_render_png_of_each_map(
     # Then each map is stored as render_png's PNG of that map
     assert all(r.locator for r in results), [r.error for r in results]
     assert [Path(r.locator.removeprefix("file://")).read_bytes() for r in results if r.locator] == expected
+
+
+def test_the_global_cli_flags_reach_the_worker_and_submit_and_collect_and_their_options_apply(
+    module_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Given no settings in the environment but a home folder of its own (where, were the flags
+    # ignored, worker and CLI would meet through the embedded default) and a worker started as
+    # `actmap --broker-url … --result-backend … --queue … --storage-url … worker`
+    module_redis.client(8).flushdb()
+    env = {"ACTMAP_HOME": str(tmp_path / "decoy-home")}
+    flags = (
+        "--broker-url", module_redis.url(8),
+        "--result-backend", module_redis.url(9),
+        "--queue", "cli-flags-queue",
+        "--storage-url", f"file://{tmp_path / 'flag-maps'}",
+    )  # fmt: skip
+    worker = WorkerProcess(env, tmp_path, global_args=flags)
+    try:
+        cam = np.random.default_rng(11).random((24, 20), dtype=np.float32)
+        np.save(tmp_path / "a.npy", cam)
+        # When the CLI, given the same flags, submits under a chosen run id, colormap and no fade
+        submitted = actmap(
+            *flags, "submit", "--run-id", "flags-run", "--colormap", "viridis", "--no-fade",
+            str(tmp_path / "a.npy"), env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        # and collects that run's map by --run-id and --image-id, and one never sent, for 3 s
+        collected = actmap(
+            *flags, "collect", "--run-id", "flags-run", "--image-id", "a", "--image-id", "never-sent",
+            "--timeout", "3", env=env, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        worker.stop()
+    # Then the worker listened on the queue named and the map went through it, under that run id
+    assert ".> cli-flags-queue" in worker.log()
+    assert [json.loads(line) for line in submitted.stdout.splitlines()] == [
+        {"run_id": "flags-run", "image_id": "a", "name": None}
+    ]
+    # and collect printed what it had when it timed out, the pending one failed, and exited 1
+    assert collected.returncode == 1, collected.stderr
+    assert "timeout: 1 of 2 map results still pending" in collected.stderr
+    done, pending = (json.loads(line) for line in collected.stdout.splitlines())
+    assert (done["image_id"], done["ok"], pending["image_id"], pending["ok"]) == (
+        "a",
+        True,
+        "never-sent",
+        False,
+    )
+    # and the PNG is in the storage folder named, render_png's with that colormap and no fade
+    stored = tmp_path / "flag-maps" / "a.png"
+    assert done["locator"] == stored.as_uri()
+    level = Settings().png_compress_level
+    assert stored.read_bytes() == render_png(cam, "viridis", False, compress_level=level)
+    assert stored.read_bytes() != render_png(cam, compress_level=level)  # the options changed it
+    assert not (tmp_path / "decoy-home" / "maps").exists()
+
+
+def test_the_home_flag_puts_the_embedded_default_of_worker_and_cli_in_that_folder(tmp_path: Path) -> None:
+    # Given a worker started as `actmap --home H worker`, with another home in the environment
+    env = {"ACTMAP_HOME": str(tmp_path / "decoy-home")}
+    home = ("--home", str(tmp_path / "flag-home"))
+    worker = WorkerProcess(env, tmp_path, global_args=home)
+    try:
+        np.save(tmp_path / "m.npy", np.zeros((8, 8), np.uint8))
+        # When `actmap --home H submit` and `collect` go through the embedded default
+        submitted = actmap(*home, "submit", str(tmp_path / "m.npy"), env=env, cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        collected = actmap(*home, "collect", "--timeout", "60", input=submitted.stdout, env=env, cwd=tmp_path)
+    finally:
+        worker.stop()
+    # Then the map met the worker in H, and its PNG is in H's maps folder, none in the other home
+    assert collected.returncode == 0, collected.stderr
+    (row,) = (json.loads(line) for line in collected.stdout.splitlines())
+    assert row["ok"] and row["locator"] == (tmp_path / "flag-home" / "maps" / "m.png").as_uri()
+    assert not (tmp_path / "decoy-home").exists()

@@ -34,9 +34,11 @@ class WorkerProcess:
         extra_args: tuple[str, ...] = (),
         ready_timeout_s: float = 60.0,
         prefix: list[str] | None = None,
+        global_args: tuple[str, ...] = (),
     ) -> None:
         """``prefix`` goes before the command, e.g. ``["ip", "netns", "exec", NAME]`` to run it on another
-        network host (it must exec the command in place, so that the process is the worker's)."""
+        network host (it must exec the command in place, so that the process is the worker's).
+        ``global_args`` go before ``worker``: ``actmap``'s own flags (``--broker-url URL``, ...)."""
         self.name = f"w{next(_names)}"
         self.log_path = log_dir / f"{self.name}.log"
         self.command = [
@@ -44,6 +46,7 @@ class WorkerProcess:
             sys.executable,
             "-m",
             "worker.cli",
+            *global_args,
             "worker",
             "--concurrency",
             str(concurrency),
